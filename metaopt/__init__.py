@@ -1,0 +1,18 @@
+"""metaopt: MetaOptimize (ICML 2025) for PyTorch, with the experiments of its paper."""
+
+from metaopt.blocks import RESNET18_BLOCKS, llama2c_blocks, param_groups_by_prefix
+from metaopt.optimizer import BASES, BLOCKS, METAS, MetaOptimize
+from metaopt.rules import RULES, Rule
+
+__all__ = [
+    "BASES",
+    "BLOCKS",
+    "METAS",
+    "MetaOptimize",
+    "RESNET18_BLOCKS",
+    "RULES",
+    "Rule",
+    "llama2c_blocks",
+    "param_groups_by_prefix",
+]
+__version__ = "0.1.0"

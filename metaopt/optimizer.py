@@ -1,0 +1,489 @@
+"""MetaOptimize: online learning of step sizes (Sharifnassab et al., ICML 2025).
+
+The optimizer is a :class:`torch.optim.Optimizer`; its step is the Hessian-free 2x2
+algorithm (Algorithm 3 of the paper, SPEC section 3) for any pair of a base rule and a
+meta rule from :mod:`metaopt.rules`, with step sizes shared by blocks of weights
+(SPEC section 4).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from metaopt.kernels import KERNELS
+from metaopt.rules import RULES, Rule
+
+# Base and meta names of the paper, and the rule each one uses.
+BASES = {"sgd": "sgd", "sgdm": "sgdm", "rmsprop": "rmsprop", "adamw": "adam", "lion": "lion"}
+METAS = {"sgd": "sgd", "rmsprop": "rmsprop", "adam": "adam", "lion": "lion"}
+BLOCKS = ("scalar", "param_group", "layerwise", "nodewise", "weightwise")
+
+
+
+class Block(NamedTuple):
+    """Where a parameter's step sizes live and how they broadcast against it."""
+
+    owner: int | Tensor  # a param group index (scalar, param_group) or a parameter (its state holds the block)
+    view_shape: tuple[int, ...]  # the owner's beta viewed to broadcast against the parameter
+    meta_group: int  # index of the param group whose meta hyper-parameters the block uses
+    group: int  # index of the parameter's own param group
+
+
+def _is_meta_key(key: str) -> bool:
+    """Keys kept in float32 (or wider) whatever the parameter's dtype, so that a bf16 model
+    still learns its step sizes precisely: the step counters and the whole meta state."""
+    return key in ("step", "beta") or key.startswith("meta_")
+
+_RANGES = {
+    # keyword: (lowest allowed, highest allowed, whether the highest is allowed)
+    "momentum": (0.0, 1.0, False),
+    "normalizer": (0.0, 1.0, False),
+    "lion_interp": (0.0, 1.0, True),
+    "eps": (0.0, math.inf, False),
+    "weight_decay": (0.0, math.inf, False),
+    "gamma": (0.0, 1.0, True),
+    "meta_lr": (0.0, math.inf, False),
+    "lr": (0.0, math.inf, False),
+}
+
+
+def _meta_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class MetaOptimize(Optimizer):
+    r"""A base optimizer whose step sizes are learned online by a meta optimizer.
+
+    Step sizes are :math:`\alpha_b = \mathrm{lr} \cdot e^{\beta_b}`, one :math:`\beta_b` per
+    block ``b`` of weights. At every step, with :math:`g = \nabla f_t(w_t)` in ``p.grad`` and a
+    trace :math:`h` per weight (zero at the start):
+
+    .. math::
+        \begin{aligned}
+        z_b &= \textstyle\sum_{i \in b} h_i g_i
+            && \text{meta-gradient, with the trace before this step} \\
+        \Delta w &= -\alpha \, (d(g) + \kappa w), \quad w \leftarrow w + \Delta w
+            && \text{base update, } d \text{ from the base rule, } \alpha \text{ before the meta update} \\
+        h &\leftarrow \gamma (1 - \kappa \alpha) \, h + \Delta w
+            && \text{trace} \\
+        \beta_b &\leftarrow \beta_b - \eta \, \bar d(z_b)
+            && \text{meta update, } \bar d \text{ from the meta rule}
+        \end{aligned}
+
+    where :math:`d` and :math:`\bar d` are the directions of :mod:`metaopt.rules`
+    (``adamw`` uses the ``adam`` direction). When the current gradient points against the
+    past weight changes (:math:`z < 0`) the step size grows; when it agrees with them
+    (overshooting) it shrinks.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer. Named parameters
+            (``model.named_parameters()``) give readable names in :meth:`step_sizes`.
+            Groups may set any hyper-parameter below except ``base``, ``meta``, ``blocks``
+            and ``kernel``, and a ``block`` name (groups with the same ``block`` share one
+            step size when ``blocks="param_group"``).
+        base: ``"sgd"``, ``"sgdm"``, ``"rmsprop"``, ``"adamw"``, ``"lion"``, or a
+            :class:`metaopt.rules.Rule`.
+        meta: ``"sgd"``, ``"rmsprop"``, ``"adam"``, ``"lion"``.
+        blocks: which weights share a step size: ``"scalar"`` (all), ``"param_group"``
+            (each group, or each ``block`` name), ``"layerwise"`` (each tensor),
+            ``"nodewise"`` (each output unit: a row of a weight together with the matching
+            bias entry), ``"weightwise"`` (each weight).
+        lr: multiplies the learned step size (default 1.0), so that ``torch.optim.lr_scheduler``
+            warm-ups and decays compose with it; the trace uses the product.
+        alpha0 (:math:`\alpha_0`): initial step size of every block (default 1e-6).
+        meta_lr (:math:`\eta`): meta step size (default 1e-3).
+        gamma (:math:`\gamma`): discount factor in [0, 1] (default 1.0).
+        weight_decay (:math:`\kappa`): decoupled weight decay of the base update
+            (default 0.1, the paper's value; 0 for ``sgd``).
+        momentum (:math:`\rho`), normalizer (:math:`\lambda`), lion_interp (:math:`c`),
+            eps (:math:`\epsilon`): the base rule's hyper-parameters; defaults of the paper's
+            Tables 2-4: sgdm ``momentum=0.9``; rmsprop ``normalizer=0.999``; adamw
+            ``momentum=0.9, normalizer=0.999``; lion ``momentum=0.99, lion_interp=0.9``;
+            ``eps=1e-8``.
+        meta_momentum (:math:`\bar\rho`), meta_normalizer (:math:`\bar\lambda`),
+            meta_lion_interp (:math:`\bar c`), meta_eps: the same for the meta rule.
+        kernel: ``"foreach"`` (default; multi-tensor ``torch._foreach_*`` ops) or
+            ``"reference"`` (one tensor at a time, the equations as written above).
+
+    A keyword that the chosen base or meta rule does not use raises ``ValueError``.
+
+    State: ``state[p]["trace"]`` is the trace of ``p``; ``state[p]["step"]`` counts its
+    updates; the base rule's moments are ``exp_avg`` / ``exp_avg_sq``. Each block keeps
+    ``beta``, ``meta_step`` and the meta rule's moments (``meta_exp_avg``,
+    ``meta_exp_avg_sq``): in ``state[p]`` for the per-tensor granularities, in the param
+    group for ``param_group`` and in the first param group for ``scalar``.
+    :meth:`step` never reads a tensor back to the host.
+
+    References:
+        A. Sharifnassab, S. Salehkaleybar, R. Sutton. MetaOptimize: A Framework for
+        Optimizing Step Sizes and Other Meta-parameters. ICML 2025.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base: str | Rule = "adamw",
+        meta: str = "adam",
+        blocks: str = "scalar",
+        *,
+        lr: float | Tensor = 1.0,
+        alpha0: float = 1e-6,
+        meta_lr: float = 1e-3,
+        gamma: float = 1.0,
+        weight_decay: float | None = None,
+        momentum: float | None = None,
+        normalizer: float | None = None,
+        lion_interp: float | None = None,
+        eps: float | None = None,
+        meta_momentum: float | None = None,
+        meta_normalizer: float | None = None,
+        meta_lion_interp: float | None = None,
+        meta_eps: float | None = None,
+        kernel: str = "foreach",
+    ):
+        if isinstance(base, Rule):
+            self.base_rule = base
+        elif base in BASES:
+            self.base_rule = RULES[BASES[base]]
+        else:
+            raise ValueError(f"unknown base {base!r}: base must be one of {sorted(BASES)} or a metaopt.rules.Rule")
+        if meta not in METAS:
+            raise ValueError(f"unknown meta {meta!r}: meta must be one of {sorted(METAS)}")
+        if blocks not in BLOCKS:
+            raise ValueError(f"unknown blocks {blocks!r}: blocks must be one of {list(BLOCKS)}")
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: kernel must be one of {list(KERNELS)}")
+        self.base, self.meta, self.blocks, self.kernel = base, meta, blocks, kernel
+        self.meta_rule = RULES[METAS[meta]]
+
+        given = {
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "normalizer": normalizer,
+            "lion_interp": lion_interp,
+            "eps": eps,
+            "meta_momentum": meta_momentum,
+            "meta_normalizer": meta_normalizer,
+            "meta_lion_interp": meta_lion_interp,
+            "meta_eps": meta_eps,
+        }
+        defaults = {"lr": lr, "alpha0": alpha0, "meta_lr": meta_lr, "gamma": gamma, **self._rule_defaults()}
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key not in defaults:
+                raise ValueError(self._not_applicable(key))
+            defaults[key] = value
+        self._check(defaults, "")
+        self._block_layout: dict[int, Block] | None = None
+        super().__init__(params, defaults)
+
+    # -- hyper-parameters ---------------------------------------------------------------
+
+    def _rule_defaults(self) -> dict[str, float]:
+        """The hyper-parameters the chosen rules use, with the paper's defaults."""
+        name = self.base if isinstance(self.base, str) else None
+        defaults = {"weight_decay": 0.0 if name == "sgd" else 0.1, **self.base_rule.hyperparameters}
+        defaults.update({f"meta_{key}": value for key, value in self.meta_rule.hyperparameters.items()})
+        return defaults
+
+    def _not_applicable(self, key: str) -> str:
+        if key.startswith("meta_"):
+            users = [m for m, r in METAS.items() if key[len("meta_") :] in RULES[r].hyperparameters]
+            return f"{key} does not apply to meta {self.meta!r}; it applies to meta in {users}"
+        users = [b for b, r in BASES.items() if key in RULES[r].hyperparameters]
+        return f"{key} does not apply to base {self._base_name()!r}; it applies to base in {users}"
+
+    def _check(self, hyperparameters: dict[str, Any], where: str) -> None:
+        """Raise ValueError naming the argument and its allowed values."""
+        alpha0 = hyperparameters.get("alpha0")
+        if alpha0 is not None and not (isinstance(alpha0, (int, float)) and 0 < alpha0 < math.inf):
+            raise ValueError(f"alpha0{where} must be a finite number > 0, got {alpha0!r}")
+        for key, value in hyperparameters.items():
+            name = key[len("meta_") :] if key.startswith("meta_") and key != "meta_lr" else key
+            if name not in _RANGES or isinstance(value, Tensor):
+                continue
+            low, high, high_allowed = _RANGES[name]
+            if not isinstance(value, (int, float)) or not (low <= value < high or (high_allowed and value == high)):
+                interval = f"[{low}, {high}{']' if high_allowed else ')'}"
+                raise ValueError(f"{key}{where} must be in {interval}, got {value!r}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        reserved = {"base", "meta", "blocks", "kernel"} & param_group.keys()
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} cannot differ between param groups; pass them to MetaOptimize(...)")
+        rule_keys = {"weight_decay", "momentum", "normalizer", "lion_interp", "eps"}
+        rule_keys |= {f"meta_{key}" for key in rule_keys}
+        for key in param_group.keys() & rule_keys:
+            if key not in self.defaults:
+                raise ValueError(self._not_applicable(key) + f" (set in param group {len(self.param_groups)})")
+        self._check(param_group, f" of param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+        self._block_layout = None
+
+    # -- pickling and checkpoints ---------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            **super().__getstate__(),
+            "base": self.base,
+            "meta": self.meta,
+            "blocks": self.blocks,
+            "kernel": self.kernel,
+            "base_rule": self.base_rule,
+            "meta_rule": self.meta_rule,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Checkpoints pickled by older versions lack these; fill in what they implied.
+        self.__dict__.setdefault("kernel", "foreach")
+        self.__dict__.setdefault("blocks", "scalar")
+        self._block_layout = None
+        for group in self.param_groups:
+            group.setdefault("lr", 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict["metaoptimize"] = {"base": self._base_name(), "meta": self.meta, "blocks": self.blocks}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; the meta state keeps its float32 precision and moves to the params' device."""
+        saved = state_dict.get("metaoptimize")
+        current = {"base": self._base_name(), "meta": self.meta, "blocks": self.blocks}
+        if saved is not None and saved != current:
+            raise ValueError(f"this checkpoint was saved by MetaOptimize({saved}), not MetaOptimize({current})")
+        # torch casts every state tensor to its parameter's dtype; keep the meta keys aside
+        # so that a bf16 model does not round its step sizes, and restore them afterwards.
+        exact, state = {}, {}
+        for index, param_state in state_dict["state"].items():
+            state[index] = {k: v for k, v in param_state.items() if not _is_meta_key(k)}
+            exact[index] = {k: v for k, v in param_state.items() if _is_meta_key(k)}
+        super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "metaoptimize"}, "state": state})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
+        for index, values in exact.items():
+            p = params[index]
+            self.state[p].update({k: v.to(device=p.device) if isinstance(v, Tensor) else v for k, v in values.items()})
+        for group in self.param_groups:
+            for key, value in group.items():
+                if _is_meta_key(key) and isinstance(value, Tensor):
+                    group[key] = value.to(group["params"][0].device)
+
+    def _base_name(self) -> str:
+        return self.base if isinstance(self.base, str) else "custom"
+
+    # -- blocks ---------------------------------------------------------------------------
+
+    def _layout(self) -> dict[int, Block]:
+        """The :class:`Block` of every parameter, by ``id``; computed once per set of param groups."""
+        if self._block_layout is not None:
+            return self._block_layout
+        layout: dict[int, Block] = {}
+        first_group_of_block: dict[str, int] = {}
+        node_weights = _node_weights(self.param_groups) if self.blocks == "nodewise" else {}
+        for index, group in enumerate(self.param_groups):
+            block = group.get("block", f"group{index}")
+            owner_group = first_group_of_block.setdefault(block, index)
+            for p in group["params"]:
+                if self.blocks == "scalar":
+                    layout[id(p)] = Block(0, (), 0, index)
+                elif self.blocks == "param_group":
+                    layout[id(p)] = Block(owner_group, (), owner_group, index)
+                elif self.blocks == "layerwise":
+                    layout[id(p)] = Block(p, (), index, index)
+                elif self.blocks == "weightwise":
+                    layout[id(p)] = Block(p, tuple(p.shape), index, index)
+                elif id(p) in node_weights:  # a bias shares the step sizes of its weight's rows
+                    weight, weight_group = node_weights[id(p)]
+                    layout[id(p)] = Block(weight, tuple(p.shape), weight_group, index)
+                else:
+                    layout[id(p)] = Block(p, _node_shape(p), index, index)
+        self._block_layout = layout
+        return layout
+
+    def _owner_state(self, owner) -> dict[str, Any]:
+        return self.param_groups[owner] if isinstance(owner, int) else self.state[owner]
+
+    def _block_shape(self, owner) -> tuple[int, ...]:
+        if isinstance(owner, int):
+            return ()
+        return self._layout()[id(owner)].view_shape
+
+    # -- the step -----------------------------------------------------------------------
+
+    def _init_param(self, p: Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.zeros((), dtype=_meta_dtype(p.dtype), device=p.device)
+        state["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for name in self.base_rule.moment_names:
+            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _init_block(self, owner_state: dict[str, Any], shape, alpha0: float, like: Tensor) -> None:
+        dtype = _meta_dtype(like.dtype)
+        owner_state["beta"] = torch.full(shape, math.log(alpha0), dtype=dtype, device=like.device)
+        owner_state["meta_step"] = torch.zeros((), dtype=dtype, device=like.device)
+        for name in self.meta_rule.moment_names:
+            owner_state[f"meta_{name}"] = torch.zeros(shape, dtype=dtype, device=like.device)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one MetaOptimize step (base update, trace, meta update).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        base_update, meta_update = KERNELS[self.kernel]
+        layout = self._layout()
+        exp_betas: dict[int, Tensor] = {}
+        # owner id -> [owner state, meta group index, accumulated meta-gradient]
+        meta_grads: dict[int, list] = {}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states, step_sizes, view_shapes, owners = [], [], [], []
+            for p in params:
+                state = self.state[p]
+                if "trace" not in state:
+                    self._init_param(p, state)
+                block = layout[id(p)]
+                owner_state = self._owner_state(block.owner)
+                if "beta" not in owner_state:
+                    alpha0 = self.param_groups[block.meta_group]["alpha0"]
+                    self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
+                if id(owner_state) not in exp_betas:
+                    exp_betas[id(owner_state)] = torch.exp(owner_state["beta"])
+                states.append(state)
+                step_sizes.append(group["lr"] * exp_betas[id(owner_state)].view(block.view_shape))
+                view_shapes.append(block.view_shape)
+                owners.append((owner_state, block.meta_group))
+            contributions = base_update(
+                params,
+                [p.grad for p in params],
+                [s["trace"] for s in states],
+                {name: [s[name] for s in states] for name in self.base_rule.moment_names},
+                [s["step"] for s in states],
+                step_sizes,
+                view_shapes,
+                rule=self.base_rule,
+                hp={key: group[key] for key in self.base_rule.hyperparameters},
+                weight_decay=group["weight_decay"],
+                gamma=group["gamma"],
+            )
+            for (owner_state, meta_group), z in zip(owners, contributions):
+                z = z.reshape(owner_state["beta"].shape)
+                entry = meta_grads.setdefault(id(owner_state), [owner_state, meta_group, None])
+                entry[2] = z if entry[2] is None else entry[2] + z
+
+        # Meta update, once per block, after every base update used the old step sizes.
+        by_group: dict[int, list] = {}
+        for owner_state, meta_group, z in meta_grads.values():
+            by_group.setdefault(meta_group, []).append((owner_state, z))
+        for meta_group, entries in by_group.items():
+            group = self.param_groups[meta_group]
+            owner_states = [owner_state for owner_state, _ in entries]
+            meta_update(
+                [s["beta"] for s in owner_states],
+                [z for _, z in entries],
+                {name: [s[f"meta_{name}"] for s in owner_states] for name in self.meta_rule.moment_names},
+                [s["meta_step"] for s in owner_states],
+                rule=self.meta_rule,
+                hp={key: group[f"meta_{key}"] for key in self.meta_rule.hyperparameters},
+                meta_lr=group["meta_lr"],
+            )
+        return loss
+
+    # -- reading the step sizes -----------------------------------------------------------
+
+    def step_size(self, p: Tensor) -> Tensor:
+        """The current step size ``lr * exp(beta)`` of ``p``, broadcastable to ``p`` (no host sync)."""
+        block = self._layout()[id(p)]
+        owner_state = self._owner_state(block.owner)
+        if "beta" in owner_state:
+            alpha = torch.exp(owner_state["beta"]).view(block.view_shape)
+        else:
+            alpha0 = self.param_groups[block.meta_group]["alpha0"]
+            alpha = torch.full(block.view_shape, alpha0, dtype=_meta_dtype(p.dtype), device=p.device)
+        return self.param_groups[block.group]["lr"] * alpha
+
+    def step_sizes(self) -> dict[str, float]:
+        """Step sizes for logging: one entry per block for ``scalar``, ``param_group`` and
+        ``layerwise``; ``/min``, ``/median``, ``/max`` per tensor for ``nodewise`` and
+        ``weightwise``. Reads the values back to the host once (call it when logging).
+        """
+        names, values = [], []
+        seen: set[tuple] = set()
+        for index, group in enumerate(self.param_groups):
+            param_names = group.get("param_names") or [f"group{index}.param{j}" for j in range(len(group["params"]))]
+            for p, param_name in zip(group["params"], param_names):
+                owner = self._layout()[id(p)].owner
+                key = ("group", owner) if isinstance(owner, int) else ("param", id(owner))
+                if key in seen:
+                    continue
+                seen.add(key)
+                alpha = self.step_size(p if isinstance(owner, int) else owner).float()
+                if self.blocks == "scalar":
+                    names.append("step_size")
+                elif self.blocks == "param_group":
+                    names.append(f"step_size/{group.get('block', f'group{index}')}")
+                elif self.blocks == "layerwise":
+                    names.append(f"step_size/{param_name}")
+                else:
+                    names += [f"step_size/{param_name}/{stat}" for stat in ("min", "median", "max")]
+                    values += [alpha.min(), alpha.median(), alpha.max()]
+                    continue
+                values.append(alpha.reshape(()))
+        if not values:
+            return {}
+        return dict(zip(names, torch.stack([v.to(values[0].device) for v in values]).tolist()))
+
+    def __repr__(self) -> str:
+        head = f"MetaOptimize(base={self._base_name()!r}, meta={self.meta!r}, blocks={self.blocks!r}, kernel={self.kernel!r})"
+        return head + super().__repr__()[len(type(self).__name__) :]
+
+
+def _node_shape(p: Tensor) -> tuple[int, ...]:
+    """One step size per output unit: per row of a matrix (or filter), per entry of a vector."""
+    if p.dim() <= 1:
+        return tuple(p.shape)
+    return (p.shape[0],) + (1,) * (p.dim() - 1)
+
+
+def _node_weights(param_groups: list[dict[str, Any]]) -> dict[int, tuple[Tensor, int]]:
+    """Pair each bias with the weight whose rows it extends: id(bias) -> (weight, its group index).
+
+    With named parameters, ``X.bias`` pairs with ``X.weight``; without names, a vector
+    pairs with the parameter just before it in its group (the order of
+    ``module.parameters()``). Either way the weight's first dimension must match.
+    """
+    named = all("param_names" in g for g in param_groups)
+    pairs: dict[int, tuple[Tensor, int]] = {}
+    if named:
+        weights = {
+            name[: -len(".weight")]: (p, index)
+            for index, g in enumerate(param_groups)
+            for name, p in zip(g["param_names"], g["params"])
+            if name.endswith(".weight")
+        }
+        for g in param_groups:
+            for name, p in zip(g["param_names"], g["params"]):
+                weight = weights.get(name[: -len(".bias")]) if name.endswith(".bias") else None
+                if weight is not None and p.dim() == 1 and weight[0].dim() >= 1 and weight[0].shape[0] == p.numel():
+                    pairs[id(p)] = weight
+        return pairs
+    for index, g in enumerate(param_groups):
+        for previous, p in zip(g["params"], g["params"][1:]):
+            if p.dim() == 1 and previous.dim() >= 1 and previous.shape[0] == p.numel() and id(previous) not in pairs:
+                pairs[id(p)] = (previous, index)
+    return pairs

@@ -1,0 +1,178 @@
+"""Update directions shared by the base and the meta optimizer.
+
+MetaOptimize runs two first-order optimizers: the *base* one moves the weights ``w``
+along a direction computed from the gradient ``g``; the *meta* one moves the log step
+sizes ``beta`` along a direction computed from the meta-gradient ``z`` (SPEC section 3).
+Both are the same kind of rule, ``x -> d(x)``, with a few moments kept between steps,
+so each rule is written once here and used by both (optax's ``scale_by_*`` idea):
+
+================  =========================================================================
+rule              direction ``d`` of an input ``x`` at step ``t`` (moments start at zero)
+================  =========================================================================
+``sgd``           ``d = x``
+``sgdm``          ``m <- rho*m + (1-rho)*x``;  ``d = m``
+``rmsprop``       ``v <- lambda*v + (1-lambda)*x^2``;  ``d = x / (sqrt(v / (1-lambda^t)) + eps)``
+``adam``          ``m`` and ``v`` as above;  ``d = (m / (1-rho^t)) / (sqrt(v / (1-lambda^t)) + eps)``
+``lion``          ``d = sign(c*m + (1-c)*x)`` with the old ``m``;  then ``m <- rho*m + (1-rho)*x``
+================  =========================================================================
+
+``rho`` is ``momentum``, ``lambda`` is ``normalizer``, ``c`` is ``lion_interp``. Weight
+decay and the step size are applied by the driver in :mod:`metaopt.optimizer`, not here.
+
+Every rule comes twice:
+
+* ``direction(x, moments, hp, step) -> (d, new_moments)``: one tensor, pure, written as the
+  equations above read. This is the reference kernel and the form that forward-mode
+  differentiation can use.
+* ``foreach_direction(xs, moments, hp, steps) -> ds``: a list of tensors, moments updated in
+  place with ``torch._foreach_*`` ops. This is the fast kernel. The returned directions may
+  alias the inputs or the moments (``sgd``, ``sgdm``), so callers must not modify them.
+
+Adding a rule is one pure ``direction`` function: ``Rule(defaults, moment_names, direction)``
+maps it over the list when no ``foreach_direction`` is given, and
+``MetaOptimize(params, base=rule)`` accepts it as a base.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+Moments = dict[str, Tensor]
+Hyperparameters = dict[str, float]
+
+
+class Rule(NamedTuple):
+    """A direction rule: its hyper-parameters (with defaults), moments and two kernels."""
+
+    hyperparameters: dict[str, float]
+    moment_names: tuple[str, ...]
+    direction: Callable[[Tensor, Moments, Hyperparameters, Tensor], tuple[Tensor, Moments]]
+    foreach_direction: Callable[[list[Tensor], dict[str, list[Tensor]], Hyperparameters, list[Tensor]], list[Tensor]] | None = None
+
+    def directions(self, xs, moments, hp, steps) -> list[Tensor]:
+        """The fast kernel, or the pure one mapped over the list when the rule has none."""
+        if self.foreach_direction is not None:
+            return self.foreach_direction(xs, moments, hp, steps)
+        ds = []
+        for i, x in enumerate(xs):
+            d, new = self.direction(x, {name: moments[name][i] for name in moments}, hp, steps[i])
+            for name, value in new.items():
+                moments[name][i].copy_(value)
+            ds.append(d)
+        return ds
+
+
+def _bias_corrections(decay: float, steps: list[Tensor]) -> list[Tensor]:
+    """``1 - decay^t`` for every step counter ``t`` (tensors, so nothing is read back to the host)."""
+    corrections = torch._foreach_pow(decay, steps)
+    torch._foreach_neg_(corrections)
+    torch._foreach_add_(corrections, 1.0)
+    return corrections
+
+
+# sgd ------------------------------------------------------------------------------------
+
+
+def sgd_direction(x, moments, hp, step):
+    return x, {}
+
+
+def sgd_foreach_direction(xs, moments, hp, steps):
+    return xs
+
+
+# sgdm: momentum as an exponential moving average ----------------------------------------
+
+
+def sgdm_direction(x, moments, hp, step):
+    rho = hp["momentum"]
+    m = rho * moments["exp_avg"] + (1 - rho) * x
+    return m, {"exp_avg": m}
+
+
+def sgdm_foreach_direction(xs, moments, hp, steps):
+    torch._foreach_lerp_(moments["exp_avg"], xs, 1 - hp["momentum"])
+    return moments["exp_avg"]
+
+
+# rmsprop (bias-corrected, as Adam with no momentum) --------------------------------------
+
+
+def rmsprop_direction(x, moments, hp, step):
+    lam, eps = hp["normalizer"], hp["eps"]
+    v = lam * moments["exp_avg_sq"] + (1 - lam) * x * x
+    d = x / ((v / (1 - lam**step)).sqrt() + eps)
+    return d, {"exp_avg_sq": v}
+
+
+def rmsprop_foreach_direction(xs, moments, hp, steps):
+    lam = hp["normalizer"]
+    v = moments["exp_avg_sq"]
+    torch._foreach_mul_(v, lam)
+    torch._foreach_addcmul_(v, xs, xs, value=1 - lam)
+    denominators = torch._foreach_div(v, _bias_corrections(lam, steps))
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_add_(denominators, hp["eps"])
+    return torch._foreach_div(xs, denominators)
+
+
+# adam ------------------------------------------------------------------------------------
+
+
+def adam_direction(x, moments, hp, step):
+    rho, lam, eps = hp["momentum"], hp["normalizer"], hp["eps"]
+    m = rho * moments["exp_avg"] + (1 - rho) * x
+    v = lam * moments["exp_avg_sq"] + (1 - lam) * x * x
+    d = (m / (1 - rho**step)) / ((v / (1 - lam**step)).sqrt() + eps)
+    return d, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def adam_foreach_direction(xs, moments, hp, steps):
+    rho, lam = hp["momentum"], hp["normalizer"]
+    m, v = moments["exp_avg"], moments["exp_avg_sq"]
+    torch._foreach_lerp_(m, xs, 1 - rho)
+    torch._foreach_mul_(v, lam)
+    torch._foreach_addcmul_(v, xs, xs, value=1 - lam)
+    denominators = torch._foreach_div(v, _bias_corrections(lam, steps))
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_add_(denominators, hp["eps"])
+    ds = torch._foreach_div(m, _bias_corrections(rho, steps))
+    torch._foreach_div_(ds, denominators)
+    return ds
+
+
+# lion ------------------------------------------------------------------------------------
+
+
+def lion_direction(x, moments, hp, step):
+    rho, c = hp["momentum"], hp["lion_interp"]
+    d = torch.sign(c * moments["exp_avg"] + (1 - c) * x)
+    m = rho * moments["exp_avg"] + (1 - rho) * x
+    return d, {"exp_avg": m}
+
+
+def lion_foreach_direction(xs, moments, hp, steps):
+    m = moments["exp_avg"]
+    ds = torch._foreach_lerp(m, xs, 1 - hp["lion_interp"])
+    torch._foreach_sign_(ds)
+    torch._foreach_lerp_(m, xs, 1 - hp["momentum"])
+    return ds
+
+
+# The defaults are the paper's (Tables 2-4); they are the same for base and meta use.
+RULES: dict[str, Rule] = {
+    "sgd": Rule({}, (), sgd_direction, sgd_foreach_direction),
+    "sgdm": Rule({"momentum": 0.9}, ("exp_avg",), sgdm_direction, sgdm_foreach_direction),
+    "rmsprop": Rule({"normalizer": 0.999, "eps": 1e-8}, ("exp_avg_sq",), rmsprop_direction, rmsprop_foreach_direction),
+    "adam": Rule(
+        {"momentum": 0.9, "normalizer": 0.999, "eps": 1e-8},
+        ("exp_avg", "exp_avg_sq"),
+        adam_direction,
+        adam_foreach_direction,
+    ),
+    "lion": Rule({"momentum": 0.99, "lion_interp": 0.9}, ("exp_avg",), lion_direction, lion_foreach_direction),
+}
+
