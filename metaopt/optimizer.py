@@ -382,7 +382,7 @@ class MetaOptimize(Optimizer):
                 gamma=group["gamma"],
             )
             for (owner_state, meta_group), z in zip(owners, contributions):
-                z = z.reshape(owner_state["beta"].shape)
+                z = z.reshape(owner_state["beta"].shape).to(owner_state["beta"].dtype)
                 entry = meta_grads.setdefault(id(owner_state), [owner_state, meta_group, None])
                 entry[2] = z if entry[2] is None else entry[2] + z
 
