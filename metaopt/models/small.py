@@ -1,0 +1,33 @@
+"""Small image classifiers for CPU runs and tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def mlp(num_classes: int, in_channels: int, image_size: int, hidden: Sequence[int] = (128,)) -> nn.Sequential:
+    """Flatten, then Linear + ReLU for each hidden width, then a Linear to the class logits."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_channels * image_size * image_size
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(num_classes: int, in_channels: int, image_size: int, channels: Sequence[int] = (16, 32)) -> nn.Sequential:
+    """3x3 conv + ReLU + 2x2 max-pool for each channel count, then a Linear on the flattened features."""
+    size = image_size // 2 ** len(channels)  # each max-pool halves the side, rounding down
+    if size < 1:
+        raise ValueError(
+            f"{len(channels)} max-pools shrink a {image_size}x{image_size} image to nothing; use fewer channels"
+        )
+    layers: list[nn.Module] = []
+    for c in channels:
+        layers += [nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        in_channels = c
+    layers += [nn.Flatten(), nn.Linear(in_channels * size * size, num_classes)]
+    return nn.Sequential(*layers)
