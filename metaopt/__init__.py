@@ -1,10 +1,13 @@
 """metaopt: MetaOptimize (ICML 2025) for PyTorch, with the experiments of its paper."""
 
 from metaopt.blocks import RESNET18_BLOCKS, llama2c_blocks, param_groups_by_prefix
+from metaopt.exact import Approximation
 from metaopt.optimizer import BASES, BLOCKS, METAS, MetaOptimize
 from metaopt.rules import RULES, Rule
+from metaopt.special_cases import hypergradient_descent, idbd
 
 __all__ = [
+    "Approximation",
     "BASES",
     "BLOCKS",
     "METAS",
@@ -12,6 +15,8 @@ __all__ = [
     "RESNET18_BLOCKS",
     "RULES",
     "Rule",
+    "hypergradient_descent",
+    "idbd",
     "llama2c_blocks",
     "param_groups_by_prefix",
 ]

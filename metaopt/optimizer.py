@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metaopt import exact
 from metaopt.kernels import KERNELS
 from metaopt.rules import RULES, Rule
 
@@ -110,6 +111,10 @@ class MetaOptimize(Optimizer):
             meta_lion_interp (:math:`\bar c`), meta_eps: the same for the meta rule.
         kernel: ``"foreach"`` (default; multi-tensor ``torch._foreach_*`` ops) or
             ``"reference"`` (one tensor at a time, the equations as written above).
+        approx: ``"hessian_free"`` (default; the step above), ``"l"`` or ``"2x2"`` (the trace
+            keeps the Hessian term and the traces of the base moments: SPEC section 5, see
+            :mod:`metaopt.exact`; :meth:`step` then needs a closure that calls
+            ``loss.backward(create_graph=True)``), or a :class:`metaopt.exact.Approximation`.
 
     A keyword that the chosen base or meta rule does not use raises ``ValueError``.
 
@@ -146,6 +151,7 @@ class MetaOptimize(Optimizer):
         meta_lion_interp: float | None = None,
         meta_eps: float | None = None,
         kernel: str = "foreach",
+        approx: str | exact.Approximation = "hessian_free",
     ):
         if isinstance(base, Rule):
             self.base_rule = base
@@ -161,6 +167,7 @@ class MetaOptimize(Optimizer):
             raise ValueError(f"unknown kernel {kernel!r}: kernel must be one of {list(KERNELS)}")
         self.base, self.meta, self.blocks, self.kernel = base, meta, blocks, kernel
         self.meta_rule = RULES[METAS[meta]]
+        self.approx = exact.resolve(approx, blocks)
 
         given = {
             "weight_decay": weight_decay,
@@ -236,6 +243,7 @@ class MetaOptimize(Optimizer):
             "meta": self.meta,
             "blocks": self.blocks,
             "kernel": self.kernel,
+            "approx": self.approx,
             "base_rule": self.base_rule,
             "meta_rule": self.meta_rule,
         }
@@ -245,19 +253,20 @@ class MetaOptimize(Optimizer):
         # Checkpoints pickled by older versions lack these; fill in what they implied.
         self.__dict__.setdefault("kernel", "foreach")
         self.__dict__.setdefault("blocks", "scalar")
+        self.__dict__.setdefault("approx", exact.Approximation())
         self._block_layout = None
         for group in self.param_groups:
             group.setdefault("lr", 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
-        state_dict["metaoptimize"] = {"base": self._base_name(), "meta": self.meta, "blocks": self.blocks}
+        state_dict["metaoptimize"] = self._configuration()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; the meta state keeps its float32 precision and moves to the params' device."""
         saved = state_dict.get("metaoptimize")
-        current = {"base": self._base_name(), "meta": self.meta, "blocks": self.blocks}
+        current = self._configuration()
         if saved is not None and saved != current:
             raise ValueError(f"this checkpoint was saved by MetaOptimize({saved}), not MetaOptimize({current})")
         # torch casts every state tensor to its parameter's dtype; keep the meta keys aside
@@ -276,6 +285,12 @@ class MetaOptimize(Optimizer):
             for key, value in group.items():
                 if _is_meta_key(key) and isinstance(value, Tensor):
                     group[key] = value.to(group["params"][0].device)
+
+    def _configuration(self) -> dict[str, str]:
+        configuration = {"base": self._base_name(), "meta": self.meta, "blocks": self.blocks}
+        if self.approx.kind != "hessian_free":
+            configuration["approx"] = self.approx.kind
+        return configuration
 
     def _base_name(self) -> str:
         return self.base if isinstance(self.base, str) else "custom"
@@ -327,18 +342,25 @@ class MetaOptimize(Optimizer):
 
     def _init_block(self, owner_state: dict[str, Any], shape, alpha0: float, like: Tensor) -> None:
         dtype = _meta_dtype(like.dtype)
-        owner_state["beta"] = torch.full(shape, math.log(alpha0), dtype=dtype, device=like.device)
+        owner_state["beta"] = torch.full(shape, self.approx.initial_beta(alpha0), dtype=dtype, device=like.device)
         owner_state["meta_step"] = torch.zeros((), dtype=dtype, device=like.device)
         for name in self.meta_rule.moment_names:
             owner_state[f"meta_{name}"] = torch.zeros(shape, dtype=dtype, device=like.device)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
+    def step(self, closure: Callable[[], Any] | None = None, *, hessian_diagonal: dict[Tensor, Tensor] | None = None):
         """Perform one MetaOptimize step (base update, trace, meta update).
 
         Args:
-            closure: re-evaluates the model and returns the loss (optional).
+            closure: re-evaluates the model and returns the loss (optional; with approx ``"l"`` or
+                ``"2x2"`` required, and it must call ``loss.backward(create_graph=True)``).
+            hessian_diagonal: ``{p: diagonal of the Hessian for p}`` when it is known, for
+                approx ``"l"`` / ``"2x2"`` with ``hessian="diagonal"`` (then no closure is needed).
         """
+        if self.approx.kind != "hessian_free":
+            return exact.step(self, closure, hessian_diagonal)
+        if hessian_diagonal is not None:
+            raise ValueError("hessian_diagonal is used by approx='l' or '2x2' with hessian='diagonal'; this optimizer is Hessian-free")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -411,7 +433,7 @@ class MetaOptimize(Optimizer):
         block = self._layout()[id(p)]
         owner_state = self._owner_state(block.owner)
         if "beta" in owner_state:
-            alpha = torch.exp(owner_state["beta"]).view(block.view_shape)
+            alpha = self.approx.step_size(owner_state["beta"]).view(block.view_shape)
         else:
             alpha0 = self.param_groups[block.meta_group]["alpha0"]
             alpha = torch.full(block.view_shape, alpha0, dtype=_meta_dtype(p.dtype), device=p.device)

@@ -1,0 +1,447 @@
+r"""MetaOptimize with the Hessian kept: the L and 2x2 approximations (SPEC section 5, eq. 13-17).
+
+The Hessian-free step of :mod:`metaopt.kernels` drops every term of the trace update that
+involves the Hessian of the loss. This module keeps them. The base optimizer's state is
+``x = (w, m, v, ...)`` (the weights and the base rule's moments), the meta optimizer's state is
+``y = (beta, mbar, vbar, ...)``. Their sensitivities to past step sizes are carried as traces
+(eq. 12-13), one per state tensor:
+
+* ``X = (H, X^m, X^v, ...)``: ``H``, the trace of the weights, is ``state[p]["trace"]``; the
+  traces of the base moments are ``state[p]["trace_exp_avg"]``, ``state[p]["trace_exp_avg_sq"]``.
+* ``Y = (Y^beta, Y^mbar, ...)``: ``meta_trace``, ``meta_trace_exp_avg``, ... beside each block's
+  ``beta`` (``Y^beta`` starts at the identity, the rest at zero; Algorithm 1).
+
+One step is eq. 15 with the blocks of G that the approximation keeps. With ``F(x, g, beta)``
+one base step, ``M(y, z)`` one meta step, ``g`` the gradient, ``z = H^T g`` the meta-gradient
+and ``Hess`` the Hessian of this step's loss::
+
+    b  = gamma * Y^beta + (1 - gamma) * I                       (B of eq. 46: how beta_t moves)
+    X <- dF/dx (gamma X) + dF/dg Hess (gamma H) + dF/dbeta b
+    Y <- dM/dy (gamma Y + (1 - gamma) [I; 0]) + dM/dz H^T Hess (gamma H)
+
+The last term is the block dy/dx of G; the L-approximation (eq. 16-17) drops it, the 2x2
+approximation keeps it. Both drop Q, the trace of the trace (the last row and column of G):
+its update needs third derivatives of the loss. With ``gamma = 1`` and ``meta_lr = 0`` nothing
+is dropped and ``H_t`` is exactly ``d w_t / d beta`` of the training run (tests/test_exactness.py).
+
+Every product ``dF/d(.) @ tangent`` is computed by automatic differentiation of ``F`` and ``M``
+written as pure functions of the rules' ``direction`` (:mod:`metaopt.rules`): nothing is derived
+by hand per base or meta rule, so a custom :class:`~metaopt.rules.Rule` gets the same treatment.
+The rules act weight by weight, so every block of G is diagonal (the ``[.]`` matrices of
+Appendix A): one backward pass per output of ``F`` with a vector of ones gives the diagonals, and
+the traces, every column at once, are multiplied by them. (Forward mode, ``torch.func.jvp`` with
+the traces as tangents, computes the same numbers but runs every op with a Python-number operand
+through a slow fallback in torch 2.14: about ten times slower on small tensors.) A custom rule
+must be elementwise too. ``Hess @ v`` is a Hessian-vector product: a second backward pass through
+the gradients that the closure built with ``loss.backward(create_graph=True)``.
+
+With ``m`` step-size blocks ``H`` is an ``n x m`` matrix: once the Hessian couples the weights,
+one block's step size moves every weight. ``hessian="hvp"`` keeps the ``m`` columns
+(``state[p]["trace"]`` gains a leading dimension of size ``m`` when ``m > 1``; ``Y^beta`` is
+``m x m``, one row per block) and costs ``m`` Hessian-vector products a step: the choice for
+scalar, param-group and layerwise step sizes. ``hessian="diagonal"`` replaces the Hessian by its
+diagonal, so column ``b`` of ``H`` stays on block ``b``'s weights and one tensor per state holds
+every column, as in the Hessian-free algorithm: the choice for nodewise and weightwise step sizes.
+The diagonal is what ``step(hessian_diagonal={p: ...})`` passes when it is known (``x**2`` for
+linear least squares, as in IDBD); otherwise Hutchinson's estimate ``u * (Hess u)``, with a new
+random sign vector ``u`` (global RNG) every step. The diagonal route assumes an elementwise base
+rule (every built-in rule is).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+KINDS = ("hessian_free", "l", "2x2")
+HESSIANS = ("hvp", "diagonal")
+_FEW_BLOCKS = ("scalar", "param_group", "layerwise")
+
+
+class Approximation(NamedTuple):
+    """Which terms of the trace update MetaOptimize keeps, and the options the special cases need.
+
+    ``MetaOptimize(approx="l")`` is ``Approximation("l")``; build one to set the rest.
+
+    Attributes:
+        kind: ``"hessian_free"`` (Algorithm 3, the default), ``"l"`` (eq. 16-17) or ``"2x2"``
+            (eq. 15 without Q).
+        hessian: how the Hessian term is formed for ``l`` and ``2x2``: ``"hvp"`` (one
+            Hessian-vector product per step-size block) or ``"diagonal"``; ``None`` picks ``"hvp"``
+            for scalar, param_group and layerwise blocks and ``"diagonal"`` for nodewise and weightwise.
+        clip_trace: clip the factor by which the trace of the weights decays at zero, IDBD's
+            rectifier ``(1 - alpha x^2)^+`` (``hessian="diagonal"`` only).
+        meta_first: update the step sizes before the base step, with this step's meta-gradient,
+            and step with the new ones, as IDBD and hypergradient descent do (``kind="l"`` only).
+            The default updates them after, with the step sizes of the base step.
+        additive: step sizes are ``lr * beta`` (sigma = identity of eq. 3, hypergradient descent)
+            instead of ``lr * exp(beta)``; ``beta`` starts at ``alpha0``.
+    """
+
+    kind: str = "hessian_free"
+    hessian: str | None = None
+    clip_trace: bool = False
+    meta_first: bool = False
+    additive: bool = False
+
+    def step_size(self, beta: Tensor) -> Tensor:
+        """``sigma(beta)``: the step size a block's ``beta`` stands for (before ``lr``)."""
+        return beta if self.additive else torch.exp(beta)
+
+    def initial_beta(self, alpha0: float) -> float:
+        return alpha0 if self.additive else math.log(alpha0)
+
+
+def resolve(approx: str | Approximation, blocks: str) -> Approximation:
+    """The :class:`Approximation` that ``approx`` names, with ``hessian`` filled in; ValueError when
+    the combination is not supported, naming what to change."""
+    if isinstance(approx, str):
+        if approx not in KINDS:
+            raise ValueError(f"unknown approx {approx!r}: approx must be one of {list(KINDS)} or a metaopt.exact.Approximation")
+        approx = Approximation(approx)
+    if not isinstance(approx, Approximation):
+        raise ValueError(f"approx must be one of {list(KINDS)} or a metaopt.exact.Approximation, got {approx!r}")
+    if approx.kind not in KINDS:
+        raise ValueError(f"unknown Approximation kind {approx.kind!r}: kind must be one of {list(KINDS)}")
+    if approx.kind == "hessian_free":
+        if approx != Approximation():
+            raise ValueError(
+                "hessian, clip_trace, meta_first and additive apply to Approximation('l') and Approximation('2x2'), "
+                "not to the Hessian-free algorithm"
+            )
+        return approx
+    if approx.hessian is None:
+        approx = approx._replace(hessian="hvp" if blocks in _FEW_BLOCKS else "diagonal")
+    if approx.hessian not in HESSIANS:
+        raise ValueError(f"unknown hessian {approx.hessian!r}: hessian must be one of {list(HESSIANS)}")
+    if approx.hessian == "hvp" and blocks not in _FEW_BLOCKS:
+        raise ValueError(
+            f"approx={approx.kind!r} with hessian='hvp' needs one Hessian-vector product per step-size block, "
+            f"one per {'weight' if blocks == 'weightwise' else 'output unit'} with blocks={blocks!r}: "
+            f"use hessian='diagonal' (the default for {blocks!r})"
+        )
+    if approx.clip_trace and approx.hessian != "diagonal":
+        raise ValueError("clip_trace=True clips the diagonal decay factor of the trace: it needs hessian='diagonal'")
+    if approx.meta_first and approx.kind != "l":
+        raise ValueError("meta_first=True is defined for the L-approximation: use Approximation('l', meta_first=True)")
+    return approx
+
+
+# -- the two pure functions whose derivatives are the trace updates -----------------------
+
+
+def _base_step(inputs, *, rule, hp, step, lr, weight_decay, approx):
+    """``F``: one base step of one tensor, ``w - alpha (d(g) + kappa w)``, and the new moments."""
+    d, moments = rule.direction(inputs["g"], {name: inputs[name] for name in rule.moment_names}, hp, step)
+    alpha = lr * approx.step_size(inputs["beta"])
+    return {"w": inputs["w"] - alpha * (d + weight_decay * inputs["w"]), **moments}
+
+
+def _meta_step(inputs, *, rule, hp, step, meta_lr):
+    """``M``: one meta step of one block's ``beta``, ``beta - eta d(z)``, and the new moments."""
+    u, moments = rule.direction(inputs["z"], {name: inputs[name] for name in rule.moment_names}, hp, step)
+    return {"beta": inputs["beta"] - meta_lr * u, **moments}
+
+
+class _SqrtWithZeroSlopeAtZero(TorchFunctionMode):
+    """``sqrt`` whose derivative at 0 is 0 instead of infinity, while the steps are differentiated.
+
+    The normaliser ``v`` of rmsprop and adam is 0 only where the input has been exactly 0 since
+    the start, and then its tangent is 0 too: the chain rule would give 0 * inf = nan for a term
+    whose true value is 0 (at the first meta step, where z = 0, for the whole of dbeta'/dbeta).
+    Values are unchanged; a custom rule that takes ``sqrt`` gets the same treatment."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.sqrt or func is Tensor.sqrt:
+            (x,) = args
+            positive = x > 0
+            return torch.where(positive, torch.where(positive, x, 1).sqrt(), 0)
+        return func(*args, **(kwargs or {}))
+
+
+def _step_and_partials(function: Callable, inputs: dict[str, Tensor]):
+    """The outputs of an elementwise step and the diagonals of its Jacobian blocks,
+    ``partials[output][input]``: one backward pass per output, with a vector of ones."""
+    with torch.enable_grad(), _SqrtWithZeroSlopeAtZero():
+        leaves = {name: x.detach().requires_grad_() for name, x in inputs.items()}
+        outputs = function(leaves)
+        partials = {}
+        for name, output in outputs.items():
+            diagonals = torch.autograd.grad(
+                output, list(leaves.values()), torch.ones_like(output), retain_graph=True, materialize_grads=True
+            )
+            partials[name] = dict(zip(leaves, diagonals))
+    return {name: output.detach() for name, output in outputs.items()}, partials
+
+
+def _push_forward(partials: dict[str, dict[str, Tensor]], tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``d output = sum over inputs of partial * d input``, every column at once (dimension 0 of the tangents)."""
+    return {output: sum(row[name] * tangent for name, tangent in tangents.items()) for output, row in partials.items()}
+
+
+# -- the step --------------------------------------------------------------------------
+
+
+class _Block(NamedTuple):
+    state: dict  # the owner's state: beta, meta moments, meta traces
+    meta_group: int
+    column: int  # its column of H (hessian="hvp"); 0 with hessian="diagonal"
+
+
+def step(optimizer, closure: Callable[[], Any] | None, hessian_diagonal: dict[Tensor, Tensor] | None):
+    """One MetaOptimize step with ``optimizer.approx`` of kind ``"l"`` or ``"2x2"`` (see the module doc)."""
+    approx: Approximation = optimizer.approx
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    entries = [(p, group) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not entries:
+        return loss
+    blocks, columns = _init_state(optimizer)
+    layout = optimizer._layout()
+
+    # Hess @ (gamma H), before any tensor of the graph changes. gamma = 0 needs none.
+    keep_hessian = any(group["gamma"] != 0 for group in optimizer.param_groups)
+    if hessian_diagonal is not None and approx.hessian != "diagonal":
+        raise ValueError(f"hessian_diagonal is used by hessian='diagonal'; this optimizer has hessian={approx.hessian!r}")
+    if keep_hessian:
+        products, diagonals = _hessian_products(optimizer, entries, columns, closure, hessian_diagonal)
+    else:
+        products = {p: torch.zeros((columns, *p.shape), dtype=p.dtype, device=p.device) for p, _ in entries}
+        diagonals = {p: torch.zeros_like(p) for p, _ in entries}
+    for p, _ in entries:
+        if p.grad.grad_fn is not None:
+            p.grad = p.grad.detach()  # frees the graph: it holds the parameters (a reference cycle otherwise)
+
+    # Meta-gradient z = H^T g and, for the 2x2 approximation, its tangent H^T Hess (gamma H),
+    # per block (shape of beta) and per column (leading dimension), with the traces before the step.
+    z: dict[int, Tensor] = {}
+    z_tangent: dict[int, Tensor] = {}
+    for p, _ in entries:
+        trace = optimizer.state[p]["trace"].view(columns, *p.shape)
+        if approx.hessian == "hvp":
+            for block in blocks.values():
+                contribution = (trace[block.column] * p.grad).sum()
+                z[id(block.state)] = z.get(id(block.state), 0) + contribution
+                if approx.kind == "2x2":
+                    row = (trace[block.column].unsqueeze(0) * products[p]).flatten(1).sum(1)
+                    z_tangent[id(block.state)] = z_tangent.get(id(block.state), 0) + row
+        else:
+            block = blocks[id(optimizer._owner_state(layout[id(p)].owner))]
+            shape = block.state["beta"].shape
+            view_shape = layout[id(p)].view_shape
+            contribution = (trace[0] * p.grad).sum_to_size(view_shape).reshape(shape)
+            z[id(block.state)] = z.get(id(block.state), 0) + contribution
+            if approx.kind == "2x2":
+                row = (trace * products[p]).sum_to_size((1, *view_shape)).reshape(1, *shape)
+                z_tangent[id(block.state)] = z_tangent.get(id(block.state), 0) + row
+
+    if approx.meta_first:
+        _meta_update(optimizer, blocks, columns, z, z_tangent)
+    directions = {key: _beta_direction(optimizer, block, columns) for key, block in blocks.items()}
+    for p, group in entries:
+        block = blocks[id(optimizer._owner_state(layout[id(p)].owner))]
+        _base_update(optimizer, p, group, block, layout[id(p)].view_shape, directions[id(block.state)],
+                     products[p], diagonals[p], columns)
+    if not approx.meta_first:
+        _meta_update(optimizer, blocks, columns, z, z_tangent)
+    return loss
+
+
+def _init_state(optimizer) -> tuple[dict[int, _Block], int]:
+    """Initialise every parameter's and block's state (all of them: a block's column of H exists
+    whether or not its weights have a gradient this step); the blocks by ``id`` of their state,
+    and the number of columns of H."""
+    approx: Approximation = optimizer.approx
+    layout = optimizer._layout()
+    blocks: dict[int, _Block] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            block = layout[id(p)]
+            owner_state = optimizer._owner_state(block.owner)
+            if id(owner_state) not in blocks:
+                column = len(blocks) if approx.hessian == "hvp" else 0
+                blocks[id(owner_state)] = _Block(owner_state, block.meta_group, column)
+    columns = len(blocks) if approx.hessian == "hvp" else 1
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if "trace" not in state:
+                optimizer._init_param(p, state)
+                state["trace"] = torch.zeros((columns, *p.shape) if columns > 1 else p.shape, dtype=p.dtype, device=p.device)
+                for name in optimizer.base_rule.moment_names:
+                    state[f"trace_{name}"] = torch.zeros_like(state["trace"])
+            elif state["trace"].numel() != columns * p.numel():
+                raise RuntimeError(
+                    f"the trace of a parameter has {state['trace'].numel() // p.numel()} columns, not {columns}: "
+                    "with hessian='hvp' the step-size blocks cannot change after the first step"
+                )
+            block = layout[id(p)]
+            owner_state = optimizer._owner_state(block.owner)
+            if "beta" not in owner_state:
+                alpha0 = optimizer.param_groups[block.meta_group]["alpha0"]
+                optimizer._init_block(owner_state, optimizer._block_shape(block.owner), alpha0, p)
+                beta = owner_state["beta"]
+                if approx.hessian == "hvp":  # row `column` of the m x m identity
+                    trace = torch.zeros(columns, dtype=beta.dtype, device=beta.device)
+                    trace[blocks[id(owner_state)].column] = 1
+                else:
+                    trace = torch.ones_like(beta)
+                owner_state["meta_trace"] = trace
+                for name in optimizer.meta_rule.moment_names:
+                    owner_state[f"meta_trace_{name}"] = torch.zeros_like(trace)
+    return blocks, columns
+
+
+def _hessian_products(optimizer, entries, columns, closure, hessian_diagonal):
+    """``Hess @ (gamma H)`` of every parameter, shape ``(columns, *p.shape)``, and the Hessian
+    diagonal used (``hessian="diagonal"``; zeros otherwise)."""
+    approx: Approximation = optimizer.approx
+    params = [p for p, _ in entries]
+    gammas = [group["gamma"] for _, group in entries]
+    if approx.hessian == "diagonal" and hessian_diagonal is not None:
+        missing = [i for i, p in enumerate(params) if p not in hessian_diagonal]
+        if missing:
+            raise ValueError(f"hessian_diagonal has no entry for {len(missing)} parameter(s) with a gradient: pass a tensor for every one")
+        diagonals = {p: hessian_diagonal[p].to(p.dtype).expand_as(p) for p in params}
+    else:
+        graphed = [p for p in params if p.grad.grad_fn is not None]
+        if not graphed:
+            what = f"approx={approx.kind!r} (hessian={approx.hessian!r}) keeps the Hessian term and needs Hessian-vector products"
+            if closure is None:
+                raise ValueError(f"{what}: call step(closure) with a closure that calls loss.backward(create_graph=True)")
+            raise RuntimeError(f"{what}: the closure passed to step() must call loss.backward(create_graph=True)")
+        if approx.hessian == "hvp":
+            vectors = [
+                [gamma * optimizer.state[p]["trace"].view(columns, *p.shape)[column] for p, gamma in zip(params, gammas)]
+                for column in range(columns)
+            ]
+            per_column = [_hessian_vector_product(params, graphed, v, last=c == columns - 1) for c, v in enumerate(vectors)]
+            products = {p: torch.stack([column[i] for column in per_column]) for i, p in enumerate(params)}
+            return products, {p: torch.zeros_like(p) for p in params}
+        signs = [torch.empty_like(p).bernoulli_(0.5).mul_(2).sub_(1) for p in params]  # Hutchinson's probe
+        products = _hessian_vector_product(params, graphed, signs, last=True)
+        diagonals = {p: u * hu for p, u, hu in zip(params, signs, products)}
+    products = {
+        p: (diagonals[p] * gamma * optimizer.state[p]["trace"]).view(1, *p.shape) for p, gamma in zip(params, gammas)
+    }
+    return products, diagonals
+
+
+def _hessian_vector_product(params, graphed, vectors, *, last):
+    """``Hess @ v`` by a second backward pass: the gradient of ``g . v`` (gradients without a graph
+    are constants: their rows of the Hessian are zero)."""
+    index = {p: i for i, p in enumerate(params)}
+    with torch.enable_grad():
+        products = torch.autograd.grad(
+            [p.grad for p in graphed],
+            params,
+            grad_outputs=[vectors[index[p]] for p in graphed],
+            retain_graph=not last,
+            allow_unused=True,
+        )
+    return [torch.zeros_like(p) if hv is None else hv for p, hv in zip(params, products)]
+
+
+def _beta_direction(optimizer, block: _Block, columns: int) -> Tensor:
+    """``b = gamma Y^beta + (1 - gamma) I``, the row of the block: how its beta moves per column,
+    shape ``(columns, *beta.shape)``."""
+    gamma = optimizer.param_groups[block.meta_group]["gamma"]
+    beta = block.state["beta"]
+    trace = block.state["meta_trace"].view(columns, *beta.shape)
+    identity = torch.zeros_like(trace)
+    identity[block.column] = 1
+    return gamma * trace + (1 - gamma) * identity
+
+
+def _base_update(optimizer, p, group, block, view_shape, beta_direction, hessian_product, diagonal, columns):
+    """Base step of ``p`` and the update of its traces, ``X <- dF/dx (gamma X) + dF/dg Hess (gamma H) + dF/dbeta b``."""
+    approx: Approximation = optimizer.approx
+    rule = optimizer.base_rule
+    state = optimizer.state[p]
+    gamma = group["gamma"]
+    state["step"] += 1
+    base_step = partial(
+        _base_step,
+        rule=rule,
+        hp={key: group[key] for key in rule.hyperparameters},
+        step=state["step"],
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        approx=approx,
+    )
+    inputs = {
+        "w": p.detach(),
+        "g": p.grad,
+        "beta": block.state["beta"].view(view_shape).expand_as(p),
+        **{name: state[name] for name in rule.moment_names},
+    }
+    outputs, partials = _step_and_partials(base_step, inputs)
+    trace = state["trace"].view(columns, *p.shape)
+    # b broadcast against p: a leading column dimension, then the block's view of beta.
+    b = beta_direction.reshape((columns,) + (1,) * (p.dim() - len(view_shape)) + tuple(view_shape))
+    tangents = {
+        "w": gamma * trace,
+        "g": hessian_product,
+        "beta": b,
+        **{name: gamma * state[f"trace_{name}"].view(columns, *p.shape) for name in rule.moment_names},
+    }
+    new_traces = _push_forward(partials, tangents)
+    if approx.clip_trace:
+        # The new trace is A * trace + (the rest), with A = gamma (dF/dw + dF/dg diag(Hess));
+        # IDBD's rectifier replaces A by max(A, 0).
+        decay = gamma * (partials["w"]["w"] + partials["w"]["g"] * diagonal)
+        new_traces["w"] = new_traces["w"] + torch.relu(-decay) * trace
+    p.copy_(outputs["w"])
+    state["trace"].copy_(new_traces["w"].view_as(state["trace"]))
+    for name in rule.moment_names:
+        state[name].copy_(outputs[name])
+        state[f"trace_{name}"].copy_(new_traces[name].view_as(state[f"trace_{name}"]))
+
+
+def _meta_update(optimizer, blocks: dict[int, _Block], columns: int, z, z_tangent) -> None:
+    """Meta step of every block and the update of its traces,
+    ``Y <- dM/dy (gamma Y + (1 - gamma) [I; 0]) + dM/dz H^T Hess (gamma H)``."""
+    rule = optimizer.meta_rule
+    for key, block in blocks.items():
+        if key not in z:
+            continue
+        group = optimizer.param_groups[block.meta_group]
+        state = block.state
+        gamma = group["gamma"]
+        beta = state["beta"]
+        state["meta_step"] += 1
+        meta_step = partial(
+            _meta_step,
+            rule=rule,
+            hp={name: group[f"meta_{name}"] for name in rule.hyperparameters},
+            step=state["meta_step"],
+            meta_lr=group["meta_lr"],
+        )
+        inputs = {
+            "beta": beta,
+            "z": z[key].to(beta.dtype).reshape(beta.shape),
+            **{name: state[f"meta_{name}"] for name in rule.moment_names},
+        }
+        outputs, partials = _step_and_partials(meta_step, inputs)
+        if key in z_tangent:
+            meta_gradient_tangent = z_tangent[key].to(beta.dtype).reshape(columns, *beta.shape)
+        else:  # L-approximation: dM/dz H^T Hess H is dropped
+            meta_gradient_tangent = torch.zeros((columns, *beta.shape), dtype=beta.dtype, device=beta.device)
+        tangents = {
+            "beta": _beta_direction(optimizer, block, columns),
+            "z": meta_gradient_tangent,
+            **{name: gamma * state[f"meta_trace_{name}"].view(columns, *beta.shape) for name in rule.moment_names},
+        }
+        new_traces = _push_forward(partials, tangents)
+        beta.copy_(outputs["beta"])
+        state["meta_trace"].copy_(new_traces["beta"].view_as(state["meta_trace"]))
+        for name in rule.moment_names:
+            state[f"meta_{name}"].copy_(outputs[name])
+            state[f"meta_trace_{name}"].copy_(new_traces[name].view_as(state[f"meta_trace_{name}"]))
