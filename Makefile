@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test test-all
+.PHONY: help install run test test-all bench-digits
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -22,6 +22,9 @@ install: $(STAMP)  ## create .venv and install metaopt with the experiment stack
 
 run: $(STAMP)  ## the main job: a short real experiment on CPU or GPU, its plot and a one-line summary
 	$(PY) -m experiments.quickstart
+
+bench-digits: $(STAMP)  ## every optimizer config on the embedded digits data (CPU): results/digits_optimizers.md
+	OMP_NUM_THREADS=1 $(PY) scripts/bench_digits_optimizers.py
 
 test: $(STAMP)  ## the fast tests (no GPU, no network, no W&B account)
 	$(PY) -m pytest -q

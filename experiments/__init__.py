@@ -1,0 +1,1 @@
+"""Entry points of the experiment suite: `python -m experiments.train ...`."""

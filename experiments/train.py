@@ -1,0 +1,34 @@
+"""Train one model with one optimizer: the entry point of every run.
+
+    python -m experiments.train dataset=digits model=mlp optimizer=metaopt_adamw_adam trainer.max_steps=500
+    python -m experiments.train -m optimizer=adamw,metaopt_adamw_adam seed=0,1,2     # a sweep
+    torchrun --nproc_per_node=4 -m experiments.train dataset=cifar10 model=resnet18_cifar ...
+
+Hydra composes the config from conf/ (conf/train.yaml lists the groups); the run folder is
+named from the overrides and the seed (conf/hydra/default.yaml), and running the same
+command again resumes from the checkpoint in it. The loop is metaopt/trainer.py.
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metaopt.trainer import train
+
+# conf/hydra/default.yaml joins the parts of a run folder's name, skipping empty ones
+# (no experiment, no overrides besides the seed).
+if not OmegaConf.has_resolver("path_join"):
+    OmegaConf.register_new_resolver("path_join", lambda *parts: "/".join(str(p) for p in parts if p not in (None, "")))
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    result = train(cfg, HydraConfig.get().runtime.output_dir)
+    if result.summary["status"] == "stopped":
+        sys.exit(3)  # preempted or out of time: not finished, re-run to continue
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""One interface through which the trainer drives every optimizer it compares.
+
+The baselines of the paper come from their published packages, and each has its own loop
+contract (what to call around ``backward`` and ``step``, what to evaluate, how to
+checkpoint) and a few documented bugs (../shared/notes/baselines.md). An adapter hides
+exactly those differences, so the trainer runs one loop for all of them:
+
+    adapter.zero_grad()
+    adapter.backward(scaler.scale(loss))
+    scaler.unscale_(adapter.optimizer); clip_grad_norm_(...)   # optional
+    adapter.step(scaler)                                       # optimizer, scheduler, averager
+    ... adapter.eval_model(model) for evaluation, adapter.step_sizes() for logging,
+    adapter.state_dict() / load_state_dict() for checkpoints.
+
+Adapters (each a Hydra ``_target_`` of a ``conf/optimizer`` file):
+
+- :class:`OptimizerAdapter`: any ``torch.optim.Optimizer`` (AdamW, timm's Lion, MetaOptimize),
+  with an optional LR schedule.
+- :class:`ProdigyAdapter`: logs Prodigy's effective step ``d * lr``.
+- :class:`DoGAdapter`: DoG with polynomial-decay averaging; evaluates the averaged model.
+- :class:`MechanicAdapter`: mechanic over any torch optimizer; checkpoints that reload.
+- :class:`GdtuoAdapter`: gdtuo's ``ModuleWrapper`` loop with ``backward(create_graph=True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from metaopt.blocks import param_groups_by_prefix
+
+OptimizerFactory = Callable[..., Optimizer]  # a functools.partial from Hydra's `_partial_: true`
+
+
+def make_param_groups(model: nn.Module, blocks: Any = None, no_decay: bool = False) -> list[dict[str, Any]]:
+    """The model's trainable parameters as named param groups.
+
+    Args:
+        blocks: None for one block of all parameters; a preset (``"resnet18"``, ``"llama2c"``)
+            or a ``{name: [module prefixes]}`` dict for named blocks (MetaOptimize's
+            ``blocks="param_group"``), see :func:`metaopt.blocks.param_groups_by_prefix`.
+        no_decay: put vectors and scalars (biases, norm gains) in a group with
+            ``weight_decay=0``, as llama2.c and nanoGPT do.
+    """
+    if blocks is not None:
+        return param_groups_by_prefix(model, blocks, no_decay=no_decay)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not no_decay:
+        return [{"params": named}]
+    decayed = [(n, p) for n, p in named if p.dim() >= 2]
+    not_decayed = [(n, p) for n, p in named if p.dim() < 2]
+    return [g for g in ({"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}) if g["params"]]
+
+
+def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` times the peak at ``total_steps``.
+
+    The peak is each group's ``lr``. This is the schedule of the authors' AdamW baseline
+    and of llama2.c (which warms up from 0 too).
+    """
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}); shorten the warm-up")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+class OptimizerAdapter:
+    """A ``torch.optim.Optimizer`` (and an optional LR schedule) under the plain loop contract.
+
+    Args:
+        model: the unwrapped model (not DDP, not compiled), whose parameters it optimizes.
+        optimizer: ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.AdamW, lr=1e-3)``.
+        total_steps: the run's number of optimizer steps (for schedules).
+        param_groups: keyword arguments of :func:`make_param_groups` (``blocks``, ``no_decay``).
+        scheduler: ``(optimizer, total_steps) -> LRScheduler``, stepped after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory,
+        total_steps: int,
+        param_groups: dict[str, Any] | None = None,
+        scheduler: Callable[[Optimizer, int], LRScheduler] | None = None,
+    ):
+        self.model = model
+        self.optimizer = self._build(optimizer, make_param_groups(model, **(param_groups or {})))
+        self.scheduler = scheduler(self.optimizer, total_steps) if scheduler is not None else None
+
+    def _build(self, optimizer: OptimizerFactory, groups: list[dict[str, Any]]) -> Optimizer:
+        return optimizer(groups)
+
+    def check(self, *, precision: str, distributed: bool, compiled: bool) -> None:
+        """Raise ValueError if this optimizer cannot run with these trainer settings."""
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        # The scaler skips the step when the fp16 gradients overflowed (a no-op without fp16).
+        scaler.step(self.optimizer)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model to evaluate: the trained one, unless the method evaluates an average."""
+        return model
+
+    def close(self) -> None:
+        """Release what the run no longer needs (called once, when the loop ends)."""
+
+    def step_sizes(self) -> dict[str, float]:
+        """The current step sizes for logging (reads them back to the host)."""
+        if hasattr(self.optimizer, "step_sizes"):  # MetaOptimize's learned step sizes
+            return self.optimizer.step_sizes()
+        return self._group_step_sizes(lambda group: group["lr"])
+
+    def _group_step_sizes(self, value: Callable[[dict], Any]) -> dict[str, float]:
+        """``step_size`` for one param group, else ``step_size/group<i>`` (the same keys all run long: they are CSV columns)."""
+        values = [float(value(group)) for group in self.optimizer.param_groups]
+        if len(values) == 1:
+            return {"step_size": values[0]}
+        return {f"step_size/group{i}": v for i, v in enumerate(values)}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+class ProdigyAdapter(OptimizerAdapter):
+    """Prodigy (prodigyopt): a plain optimizer whose effective step size is ``d * lr``.
+
+    Prodigy refuses different ``lr`` values across groups (only 0 is allowed besides the
+    maximum); the default groups share one ``lr``.
+    """
+
+    def step_sizes(self) -> dict[str, float]:
+        return self._group_step_sizes(lambda group: group["d"] * group["lr"])
+
+
+class DoGAdapter(OptimizerAdapter):
+    """DoG (dog-optimizer) with polynomial-decay iterate averaging, as its authors require.
+
+    - ``averager.step()`` after every optimizer step; evaluation runs on the averaged model.
+    - DoG reads ``p.grad`` of every parameter and crashes on ``None`` (formll/dog#3): a
+      parameter that got no gradient this step gets a zero gradient, which leaves DoG's
+      sums unchanged and moves the parameter only by weight decay, if any.
+    - One param group by default: each group is a separate DoG (its own distance and
+      gradient sums), so a decay / no-decay split would change the algorithm.
+    - ``load_state_dict`` moves ``rbar``, ``G`` and ``eta`` to the CPU; they go back to the
+      parameters' device here, so a resumed CUDA run does not mix devices.
+
+    Args:
+        averager_gamma: the averager's gamma (8, the authors' default).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, total_steps: int, averager_gamma: float = 8.0,
+                 param_groups: dict[str, Any] | None = None):
+        from dog import PolynomialDecayAverager  # here: only this adapter needs the dog package
+
+        super().__init__(model, optimizer, total_steps, param_groups)
+        self.averager = PolynomialDecayAverager(model, gamma=averager_gamma)
+        self.averager.averaged_model.eval()
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        super().step(scaler)
+        self.averager.step()
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return self.averager.averaged_model
+
+    def step_sizes(self) -> dict[str, float]:
+        # eta is set by the first step; before it the step size is not defined yet
+        return self._group_step_sizes(lambda group: group["eta"][0] if "eta" in group else math.nan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "averager": self.averager.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            device = group["params"][0].device
+            for key in ("rbar", "G"):
+                if key in group:
+                    group[key] = group[key].to(device)
+            if "eta" in group:
+                group["eta"] = [eta.to(device) for eta in group["eta"]]
+        self.averager.load_state_dict(state["averager"])
+
+
+class MechanicAdapter(OptimizerAdapter):
+    """mechanic (mechanic-pytorch): a learned scale ``s`` on the updates of a base optimizer.
+
+    ``optimizer`` is the base (e.g. ``partial(torch.optim.AdamW, lr=1.0)``); its class is
+    mechanized with ``mechanic`` (the keywords of ``mechanize``: ``s_init``, ``s_decay``, ...).
+
+    - mechanic keeps its per-parameter state in ``state["_mechanic"]`` keyed by parameter
+      tensors, which no longer match after a checkpoint is saved and loaded
+      (optimizedlearning/mechanic#2, #4): the checkpoint re-keys them by parameter index.
+    - A step that raises leaves grad mode off (mechanic sets it without try/finally); it is
+      restored here so that an error handler can still call ``backward``.
+    - A fused base optimizer under fp16 GradScaler turns ``s`` into NaN for good (the
+      fused step runs on overflow steps): refused.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, total_steps: int,
+                 mechanic: dict[str, Any] | None = None, param_groups: dict[str, Any] | None = None,
+                 scheduler: Callable[[Optimizer, int], LRScheduler] | None = None):
+        self.mechanic = dict(mechanic or {})
+        super().__init__(model, optimizer, total_steps, param_groups, scheduler)
+
+    def _build(self, optimizer: OptimizerFactory, groups: list[dict[str, Any]]) -> Optimizer:
+        from mechanic_pytorch import mechanize  # here: only this adapter needs mechanic
+
+        if not isinstance(optimizer, functools.partial):
+            raise TypeError("mechanic needs the base optimizer as a partial (`_partial_: true` in its config)")
+        if "betas" in self.mechanic:
+            self.mechanic["betas"] = tuple(self.mechanic["betas"])
+        return mechanize(optimizer.func, **self.mechanic)(groups, *optimizer.args, **optimizer.keywords)
+
+    def check(self, *, precision: str, distributed: bool, compiled: bool) -> None:
+        if precision == "fp16" and any(group.get("fused") for group in self.optimizer.param_groups):
+            raise ValueError("mechanic over a fused base optimizer turns its scale into NaN under fp16 GradScaler; "
+                             "set the base's fused=false or use trainer.precision=bf16")
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        grad_enabled = torch.is_grad_enabled()
+        try:
+            super().step(scaler)
+        finally:
+            torch.set_grad_enabled(grad_enabled)
+
+    def step_sizes(self) -> dict[str, float]:
+        mechanic_state = self.optimizer.state.get("_mechanic")
+        scale = float(mechanic_state["s"].sum()) if mechanic_state is not None else 0.0
+        return self._group_step_sizes(lambda group: scale * group["lr"])
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        mechanic_state = state["optimizer"]["state"].get("_mechanic")
+        if mechanic_state is not None:
+            index = {id(p): i for i, p in enumerate(self._params())}
+            state["optimizer"]["state"]["_mechanic"] = {
+                (f"param{index[id(k)]}" if isinstance(k, torch.Tensor) else k): v for k, v in mechanic_state.items()
+            }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mechanic_state = state["optimizer"]["state"].get("_mechanic")
+        if mechanic_state is not None:
+            params = self._params()
+            rekeyed = {
+                (params[int(k[len("param"):])] if isinstance(k, str) and k.startswith("param") else k): v
+                for k, v in mechanic_state.items()
+            }
+            state = {**state, "optimizer": {**state["optimizer"], "state": {**state["optimizer"]["state"], "_mechanic": rekeyed}}}
+        super().load_state_dict(state)
+        # torch leaves non-parameter state where it was saved; mechanic moves its scalars to
+        # the parameters' device itself at the next step, its references must be there already
+        for p in self._params():
+            entry = self.optimizer.state["_mechanic"].get(p)
+            if entry is not None:
+                for key, value in entry.items():
+                    entry[key] = value.to(p.device)
+
+
+class GdtuoAdapter:
+    """gdtuo ("Gradient Descent: The Ultimate Optimizer"): a stack of hyper-optimizers.
+
+    Its loop contract replaces the optimizer step: ``ModuleWrapper(model, optimizer=stack)``,
+    ``initialize()``, then per step ``begin()``, ``zero_grad()``,
+    ``loss.backward(create_graph=True)``, ``step()``. The base step size ``alpha`` is
+    additive and learned by the hyper-optimizer (it can become negative).
+
+    What gdtuo cannot do, refused with the reason: fp16 (no GradScaler), DDP and
+    ``torch.compile`` (``step()`` swaps every ``nn.Parameter`` for a non-leaf tensor), and
+    tied weights (``KeyError`` at the second step).
+
+    Checkpoints hold the weights and the hyper-optimizers' parameters and moment caches.
+    A resumed run is not bit-identical: gdtuo's hyper-gradient at the first step after a
+    resume would flow through the previous step's autograd graph, which cannot be saved,
+    so that one hyper-gradient is zero.
+
+    Args:
+        optimizer: the hyper-optimizer stack, e.g. ``gdtuo.Adam(alpha=1e-6, optimizer=gdtuo.Adam(alpha=1e-5))``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any, total_steps: int):
+        from gradient_descent_the_ultimate_optimizer import gdtuo  # here: only this adapter needs gdtuo
+
+        self.model = model
+        self.stack = optimizer
+        self.optimizer = None  # no torch Optimizer: nothing for a GradScaler to unscale
+        self.wrapper = gdtuo.ModuleWrapper(model, optimizer=optimizer)
+        self.wrapper.initialize()
+
+    def check(self, *, precision: str, distributed: bool, compiled: bool) -> None:
+        problems = []
+        if precision == "fp16":
+            problems.append("fp16 needs a GradScaler, which gdtuo has no place for: use trainer.precision=bf16 or fp32")
+        if distributed:
+            problems.append("DDP fails under gdtuo's backward(create_graph=True) and parameter swapping: run on one device")
+        if compiled:
+            problems.append("torch.compile recompiles at every step because gdtuo swaps the parameters: set trainer.compile=false")
+        names = {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
+        if len(names) != len(list(self.model.named_parameters(remove_duplicate=False))):
+            problems.append("the model ties weights (e.g. input and output embeddings), which gdtuo cannot update: use another model")
+        if problems:
+            raise ValueError("gdtuo cannot run here: " + "; ".join(problems))
+
+    def zero_grad(self) -> None:
+        self.wrapper.begin()
+        self.wrapper.zero_grad()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The hyper-gradients flow through the gradient's graph; gdtuo's README requires it
+        # and calls torch's warning about the parameter-gradient reference cycle expected:
+        # close() breaks the cycle at the end of the run.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            loss.backward(create_graph=True)
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        self.wrapper.step()
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def close(self) -> None:
+        # gdtuo 1.0 lacks the end() of its README: drop the gradients (and the graphs they
+        # hold) of the weights and hyper-parameters, or they leak across runs in one process
+        for optimizable in [self.wrapper, *self._stack()]:
+            for tensor in optimizable.all_params_with_gradients:
+                tensor.grad = None
+
+    def _stack(self) -> list[Any]:
+        """The hyper-optimizers, base first (the one that updates the model) to the top."""
+        levels, level = [], self.stack
+        while hasattr(level, "parameters"):
+            levels.append(level)
+            level = level.optimizer
+        return levels
+
+    def step_sizes(self) -> dict[str, float]:
+        base = self.stack
+        alpha = base.parameters["alpha"].detach()
+        if type(base).__name__ in ("RMSProp", "RMSPropAlpha"):
+            alpha = alpha.square()  # gdtuo's RMSProp stores sqrt(alpha) to keep it positive
+        return {"step_size": float(alpha)}
+
+    def state_dict(self) -> dict[str, Any]:
+        def detached(value):
+            if isinstance(value, dict):
+                return {k: detached(v) for k, v in value.items()}
+            return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+        return {"stack": [
+            {"parameters": detached(level.parameters), "cache": detached(getattr(level, "cache", {})),
+             "state": detached(getattr(level, "state", {})), "num_stepments": getattr(level, "num_stepments", None)}
+            for level in self._stack()
+        ]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        levels = self._stack()
+        if len(levels) != len(state["stack"]):
+            raise ValueError(f"checkpoint has a gdtuo stack of {len(state['stack'])} levels, the config {len(levels)}")
+        for level, saved in zip(levels, state["stack"]):
+            level.parameters.update(saved["parameters"])
+            if hasattr(level, "cache"):
+                level.cache = saved["cache"]
+            if hasattr(level, "state"):
+                level.state = saved["state"]
+            if saved["num_stepments"] is not None:
+                level.num_stepments = saved["num_stepments"]
+        # the wrapper holds the model's parameters by name; point it at the loaded tensors
+        self.wrapper.parameters.update(dict(self.model.named_parameters()))

@@ -1,0 +1,508 @@
+"""The one training loop for every optimizer and task (``python -m experiments.train``).
+
+``train(cfg, run_dir)`` reads top to bottom: processes and device; the run folder (resume if
+it holds a checkpoint); data, model and optimizer; precision, compile and DDP; then the loop,
+which logs train loss / accuracy / step sizes every ``log_every`` steps, evaluates every
+``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked to stop
+(SIGTERM, SIGUSR1, ``max_time``), and stops with an explanation if the loss or a step size
+stops being finite. Every optimizer goes through the same adapter calls
+(metaopt/baselines.py); nothing here depends on which optimizer runs.
+
+Both tasks use one loss: ``cross_entropy(logits.flatten(0, -2), y.flatten())`` (class logits
+for images, next-token logits for language models).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import signal
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from metaopt import checkpoint
+from metaopt.loggers import MetricsLog, run_metadata, write_json
+
+# Config sections a resumed run must share with its checkpoint (the rest may change: a
+# longer budget, another device, another logger).
+SAME_ON_RESUME = ("dataset", "model", "optimizer", "seed")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption notices (SLURM: --signal=USR1@120)
+
+
+@dataclass
+class TrainResult:
+    summary: dict[str, Any]  # final metrics, also in meta.json
+    model: nn.Module  # the unwrapped trained model
+    adapter: Any  # the optimizer adapter (adapter.optimizer is the torch optimizer, if any)
+
+
+def train(cfg: DictConfig, run_dir: str) -> TrainResult:
+    tcfg = cfg.trainer
+    if tcfg.max_steps is None and tcfg.epochs is None:
+        raise ValueError("set the length of the run: trainer.max_steps=<steps> or trainer.epochs=<epochs>")
+    if not tcfg.log_every or tcfg.log_every < 1:
+        raise ValueError(f"trainer.log_every must be a number of steps >= 1, got {tcfg.log_every}")
+    if tcfg.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"trainer.precision must be fp32, bf16 or fp16, got {tcfg.precision!r}")
+
+    # -- processes and device ---------------------------------------------------------------
+    # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; every rank runs this same function.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world_size > 1
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(tcfg.device, local_rank if distributed else None)
+    created_group = False
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created_group = True
+    is_main = rank == 0
+
+    # -- run folder: resume from its checkpoint if there is one --------------------------------
+    os.makedirs(run_dir, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    state = checkpoint.load(checkpoint_path) if os.path.exists(checkpoint_path) else None
+    if state is not None:
+        changed = [key for key in SAME_ON_RESUME if state["config"].get(key) != config.get(key)]
+        if changed:
+            raise ValueError(f"{run_dir} holds a checkpoint of another configuration (it differs in {changed}); "
+                             "use another run_root or delete the folder")
+    if state is not None and state["finished"]:
+        print(f"{run_dir} already holds a finished run; delete the folder to run it again")
+        if created_group:
+            dist.destroy_process_group()
+        return TrainResult(state["summary"], None, None)
+
+    # -- data -----------------------------------------------------------------------------------
+    data = _build(cfg.dataset)
+    if data.batch_size % world_size:
+        raise ValueError(f"batch size {data.batch_size} does not split over {world_size} processes; "
+                         f"set dataset.batch_size to a multiple of {world_size}")
+    steps_per_epoch = len(data.train) // data.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {data.batch_size} exceeds the {len(data.train)} training examples")
+    total_steps = tcfg.epochs * steps_per_epoch if tcfg.epochs is not None else tcfg.max_steps
+
+    # -- model and optimizer -----------------------------------------------------------------
+    # Same seed on every rank: identical initial weights (DDP checks); each rank's dropout
+    # and augmentation then draw from their own stream.
+    _seed_everything(cfg.seed)
+    model = _build(cfg.model, **data.model_kwargs).to(device)
+    # conf/optimizer/*.yaml: the optimizer's own keywords, plus `adapter`, the loop contract
+    # that drives it (metaopt/baselines.py), which receives the optimizer factory.
+    optimizer_cfg = OmegaConf.masked_copy(cfg.optimizer, [key for key in cfg.optimizer if key != "adapter"])
+    adapter = _build(cfg.optimizer.adapter, model=model, optimizer=_build(optimizer_cfg), total_steps=total_steps)
+    adapter.check(precision=tcfg.precision, distributed=distributed, compiled=tcfg.compile)
+    _seed_everything(cfg.seed + rank)
+    num_params = sum(p.numel() for p in model.parameters())
+
+    # -- precision, compile, DDP ---------------------------------------------------------------
+    # bf16 needs no loss scaling; fp16 gradients underflow without it. A disabled scaler is a
+    # no-op, so the loop below is the same for every precision.
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
+    train_model = torch.compile(model) if tcfg.compile else model
+    if distributed:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # -- restore the checkpoint ------------------------------------------------------------------
+    started = time.time()  # this job's start: max_time counts from here
+    step, elapsed_before = 0, 0.0  # elapsed_before: the wall time of the jobs before this one
+    window = _Window(device)  # train loss / accuracy sums since the last logged row
+    if state is not None:
+        model.load_state_dict(state["model"])
+        adapter.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        window.load_state_dict(state["window"])
+        # each rank's own generators (a run resumed on fewer ranks takes the first ones)
+        checkpoint.set_rng_state(state["rng"][rank % len(state["rng"])])
+        step, elapsed_before = state["step"], state["elapsed_s"]
+
+    # -- the run folder's records: written once the run is set up, so a run that fails to
+    # start (a missing dataset, a bad keyword) leaves no record claiming it is running ------------
+    if is_main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(config))
+        meta = run_metadata(cfg.seed, device, world_size)
+        meta["status"] = "running"
+        meta["resumed_at_step"] = None if state is None else state["step"]
+        write_json(meta, os.path.join(run_dir, "meta.json"))
+
+    # -- logging ---------------------------------------------------------------------------------
+    step_size_keys = list(adapter.step_sizes())
+    columns = ["step", "epoch", "time/elapsed_s", "train/loss", "train/acc", "test/loss", "test/acc",
+               *step_size_keys, "time/step_ms", "time/optimizer_ms", "memory/peak_mb"]
+    log = None
+    if is_main:
+        name = os.path.relpath(run_dir, cfg.get("run_root", "."))
+        log = MetricsLog(run_dir, columns, csv_enabled=cfg.logger.csv, wandb=config["logger"]["wandb"],
+                         resume_step=None if state is None else step, config=config,
+                         name=name if not name.startswith("..") else os.path.basename(run_dir))
+        print(f"{run_dir}: {num_params:,} parameters, {total_steps} steps of {data.batch_size} "
+              f"({steps_per_epoch} per epoch), {world_size} x {device}, {tcfg.precision}"
+              + (f", resuming at step {step}" if state is not None else ""))
+
+    def evaluate() -> dict[str, float]:
+        """Test loss and accuracy; each rank evaluates its share of the test batches."""
+        eval_model = adapter.eval_model(model)
+        eval_model.eval()
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * examples, correct, examples
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            for x, y in _test_batches(data.test, data.batch_size, tcfg.eval_batches, rank, world_size, tcfg.num_workers):
+                x, y = x.to(device), y.to(device)
+                logits = eval_model(x)
+                sums[0] += F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum").double()
+                sums[1] += (logits.argmax(-1) == y).sum()
+                sums[2] += y.numel()
+        model.train()
+        if distributed:
+            dist.all_reduce(sums)
+        loss_sum, correct, count = sums.tolist()
+        return {"test/loss": loss_sum / count, "test/acc": correct / count}
+
+    def save_checkpoint(finished: bool, summary: dict[str, Any] | None = None) -> None:
+        rng = [checkpoint.rng_state()]
+        if distributed:
+            rng = [None] * world_size
+            dist.all_gather_object(rng, checkpoint.rng_state())
+        if is_main:
+            checkpoint.save({
+                "step": step, "finished": finished, "summary": summary, "config": config,
+                "model": model.state_dict(), "optimizer": adapter.state_dict(), "scaler": scaler.state_dict(),
+                "window": window.state_dict(), "rng": rng, "elapsed_s": elapsed_before + time.time() - started,
+            }, checkpoint_path)
+
+    # Preemption: the handler only records the request; the loop checkpoints at the end of
+    # the current step, so the checkpoint never holds half a step.
+    stop_requested: list[str] = []
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            previous_handlers[signum] = signal.signal(signum, lambda s, _: stop_requested.append(signal.Signals(s).name))
+
+    # -- the loop ----------------------------------------------------------------------------------
+    timer = _StepTimer(device)
+    windows_ms: list[tuple[float, float]] = []
+    last_row: dict[str, Any] = {}
+    status = "running"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # a log file (SLURM, make run > log) gets a line every 30 s, not one per update
+    progress = tqdm(total=total_steps, initial=step, disable=not (is_main and tcfg.progress_bar), dynamic_ncols=True,
+                    mininterval=0.1 if sys.stderr.isatty() else 30)
+    try:
+        if state is None and tcfg.eval_every:
+            last_row = {"step": 0, "epoch": 0.0, "time/elapsed_s": 0.0, **evaluate(), **adapter.step_sizes()}
+            if log is not None:
+                log.log(last_row)
+        batches = _train_batches(data.train, data.batch_size, steps_per_epoch, step, cfg.seed, rank, world_size,
+                                 tcfg.num_workers, device)
+        model.train()
+        while step < total_steps:
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            start = timer.mark()
+            adapter.zero_grad()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = train_model(x)
+                loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
+            adapter.backward(scaler.scale(loss))
+            if tcfg.grad_clip is not None:
+                scaler.unscale_(adapter.optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            before_step = timer.mark()
+            adapter.step(scaler)
+            scaler.update()
+            timer.add(start, before_step, timer.mark())
+            step += 1
+            progress.update()
+            # no .item() here: reading the loss back every step would stall the GPU queue
+            window.add(loss.detach(), (logits.detach().argmax(-1) == y).sum(), y.numel())
+
+            row: dict[str, Any] = {}
+            if step % tcfg.log_every == 0 or step == total_steps:
+                row.update(window.reduce(distributed))
+                row.update(adapter.step_sizes())
+                step_ms, optimizer_ms = timer.read()
+                windows_ms.append((step_ms, optimizer_ms))
+                row.update({"time/step_ms": step_ms, "time/optimizer_ms": optimizer_ms,
+                            "memory/peak_mb": _peak_memory_mb(device)})
+            if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == total_steps):
+                row.update(evaluate())
+            if row:
+                elapsed = elapsed_before + time.time() - started  # over all the jobs of this run
+                row = {"step": step, "epoch": step / steps_per_epoch, "time/elapsed_s": elapsed, **row}
+                last_row = {**last_row, **row}
+                if log is not None:
+                    log.log(row)
+                progress.set_postfix(_postfix(last_row), refresh=False)
+                problem = _non_finite(row)
+                if problem:
+                    raise FloatingPointError(_divergence_message(problem, row, step, cfg, checkpoint_path))
+
+            # Stop requests are acted on by every rank at the same step: under DDP they are
+            # agreed on at logging steps only (one small all-reduce, no per-step sync).
+            if not distributed or step % tcfg.log_every == 0:
+                out_of_time = tcfg.max_time is not None and time.time() - started > tcfg.max_time
+                if _any_rank(bool(stop_requested) or out_of_time, distributed) and step < total_steps:
+                    save_checkpoint(finished=False)
+                    status = "stopped"
+                    if is_main:
+                        reason = stop_requested[0] if stop_requested else f"max_time of {tcfg.max_time} s"
+                        print(f"\n{reason}: checkpointed at step {step}; run the same command again to continue")
+                    break
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(finished=False)
+        if status == "running":
+            status = "finished"
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        progress.close()
+        adapter.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        if log is not None:
+            log.close()
+        if is_main:
+            meta_path = os.path.join(run_dir, "meta.json")
+            write_json({**_read_json(meta_path), "status": status}, meta_path)
+
+    # -- finish --------------------------------------------------------------------------------------
+    # Time per step: the median over logged windows, leaving out the first (warm-up, compilation).
+    timed = windows_ms[1:] or windows_ms
+    summary = {
+        "status": status,
+        "step": step,
+        **{k: last_row[k] for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in last_row},
+        **{k: last_row[k] for k in step_size_keys if k in last_row},
+        "time/step_ms": statistics.median(ms for ms, _ in timed) if timed else None,
+        "time/optimizer_ms": statistics.median(ms for _, ms in timed) if timed else None,
+        "memory/peak_mb": _peak_memory_mb(device),
+        "wall_s": elapsed_before + time.time() - started,
+    }
+    if status == "finished":
+        save_checkpoint(finished=True, summary=summary)
+        if is_main:
+            write_json({**_read_json(os.path.join(run_dir, "meta.json")), "summary": summary},
+                       os.path.join(run_dir, "meta.json"))
+            print(f"{run_dir}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.items() if k != "status"))
+    if created_group:
+        dist.destroy_process_group()
+    return TrainResult(summary, model, adapter)
+
+
+# -- helpers (in the order the loop uses them) -------------------------------------------------------
+
+
+def _build(node: DictConfig, **kwargs: Any) -> Any:
+    """Hydra's instantiate, raising the builder's own error: Hydra wraps it in a one-line
+    repr, which would hide the line breaks of messages such as a missing dataset's command."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as error:
+        if error.__cause__ is None:
+            raise
+        raise error.__cause__ from None
+
+
+def _pick_device(name: str, local_rank: int | None) -> torch.device:
+    """The device of this process; under torchrun, GPU number LOCAL_RANK."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto")
+        if local_rank is not None:
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)  # NCCL and torch.cuda.* calls use the current device
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _train_batches(dataset: Dataset, batch_size: int, steps_per_epoch: int, step: int, seed: int, rank: int,
+                   world_size: int, num_workers: int, device: torch.device) -> Iterator:
+    """Training batches from ``step`` on, forever: epoch after epoch, each a fresh permutation.
+
+    The order is a function of (seed, epoch) alone, so a run resumed at any step sees exactly
+    the batches the uninterrupted run saw. Each global batch is split between the ranks.
+    """
+    epoch, offset = divmod(step, steps_per_epoch)
+    rank_batch = batch_size // world_size
+    while True:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(dataset), generator=generator)[: steps_per_epoch * batch_size]
+        indices = order.view(steps_per_epoch, world_size, rank_batch)[offset:, rank].reshape(-1).tolist()
+        # the loader's own generator seeds its workers, so it never draws from the global RNG
+        yield from DataLoader(dataset, batch_size=rank_batch, sampler=indices, num_workers=num_workers,
+                              pin_memory=device.type == "cuda", generator=generator)
+        epoch, offset = epoch + 1, 0
+
+
+def _test_batches(dataset: Dataset, batch_size: int, max_batches: int | None, rank: int, world_size: int,
+                  num_workers: int) -> DataLoader:
+    """The first ``max_batches`` global batches of the test split (all if None), in order; this rank's share."""
+    count = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
+    # a generator of its own, so that evaluating never draws from the global RNG
+    return DataLoader(dataset, batch_size=max(1, batch_size // world_size), sampler=range(rank, count, world_size),
+                      num_workers=num_workers, generator=torch.Generator())
+
+
+class _Window:
+    """Sums of train loss and correct predictions since the last logged row.
+
+    The sums stay on the device (adding to them never waits for the GPU); the counts are
+    host integers.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.float64)
+        self.steps, self.examples = 0, 0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, examples: int) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.steps += 1
+        self.examples += examples
+
+    def reduce(self, distributed: bool) -> dict[str, float]:
+        """Mean loss per step and accuracy over the window (over all ranks), then reset."""
+        sums = torch.stack([self.loss, self.correct, self.loss.new_tensor(self.steps), self.loss.new_tensor(self.examples)])
+        if distributed:
+            dist.all_reduce(sums)
+        loss_sum, correct, steps, examples = sums.tolist()
+        self.loss.zero_()
+        self.correct.zero_()
+        self.steps, self.examples = 0, 0
+        return {"train/loss": loss_sum / steps, "train/acc": correct / examples}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "steps": self.steps, "examples": self.examples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.copy_(state["loss"])
+        self.correct.copy_(state["correct"])
+        self.steps, self.examples = state["steps"], state["examples"]
+
+
+class _StepTimer:
+    """Milliseconds per training step (forward, backward, optimizer) and of the optimizer step alone.
+
+    On CUDA it records events in the stream instead of synchronising at every step, and reads
+    them when a row is logged; elsewhere it reads the host clock.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[Any, Any, Any]] = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def add(self, start, before_step, end) -> None:
+        self.spans.append((start, before_step, end))
+
+    def read(self) -> tuple[float, float]:
+        """Mean (step ms, optimizer ms) over the spans since the last read."""
+        if not self.spans:
+            return math.nan, math.nan
+        if self.cuda:
+            torch.cuda.synchronize()
+            totals = [(a.elapsed_time(c), b.elapsed_time(c)) for a, b, c in self.spans]
+        else:
+            totals = [((c - a) * 1e3, (c - b) * 1e3) for a, b, c in self.spans]
+        self.spans = []
+        return sum(t for t, _ in totals) / len(totals), sum(o for _, o in totals) / len(totals)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors; on CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def _non_finite(row: dict[str, Any]) -> str | None:
+    """The first logged loss or step size that is NaN or infinite."""
+    for key, value in row.items():
+        if (key == "train/loss" or key.startswith("step_size")) and not math.isfinite(value):
+            return key
+    return None
+
+
+def _divergence_message(key: str, row: dict[str, Any], step: int, cfg: DictConfig, checkpoint_path: str) -> str:
+    where = f"{key} is {row[key]} at step {step}"
+    if key == "train/loss":
+        cause = ("training diverged: the updates grew too large for this model. Lower the step size "
+                 "(optimizer.alpha0 and optimizer.meta_lr for MetaOptimize, optimizer.lr otherwise), clip "
+                 "gradients with trainer.grad_clip=1.0")
+        if cfg.trainer.precision == "fp16":
+            cause += ", or train in trainer.precision=bf16 (fp16 overflows)"
+    else:
+        cause = "the learned step size diverged. Lower optimizer.meta_lr, or start lower with optimizer.alpha0"
+    kept = "the last checkpoint" if os.path.exists(checkpoint_path) else "no checkpoint (none was due yet)"
+    return (f"{where}: {cause}. metrics.csv keeps every row up to here and the run folder keeps {kept}; "
+            "a changed override starts a fresh run folder.")
+
+
+def _any_rank(flag: bool, distributed: bool) -> bool:
+    if not distributed:
+        return flag
+    tensor = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _postfix(row: dict[str, Any]) -> dict[str, str]:
+    postfix = {k.split("/")[-1]: _fmt(row[k]) for k in ("train/loss", "test/loss", "test/acc") if k in row}
+    step_sizes = [v for k, v in row.items() if k.startswith("step_size")]
+    if step_sizes:
+        postfix["step_size"] = _fmt(step_sizes[0]) if len(step_sizes) == 1 else f"{_fmt(min(step_sizes))}..{_fmt(max(step_sizes))}"
+    return postfix
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
