@@ -284,3 +284,21 @@ def _rows_if_any(run_dir: Path) -> list[dict]:
         return [row for row in read_metrics(run_dir) if row.get("step", "").isdigit()]
     except (FileNotFoundError, ValueError, KeyError):
         return []
+
+
+def test_gdtuo_resumes_with_its_learned_hyper_parameters(tmp_path):
+    """gdtuo's checkpoint keeps alpha and the moment caches; only one hyper-gradient is lost,
+    so the resumed run stays close to the uninterrupted one without matching it bit for bit."""
+    cfg = compose_train(*long_run("optimizer=gdtuo_adam_adam"))
+    reference = train(cfg, str(tmp_path / "reference"))
+    watcher = sigterm_when_logged(tmp_path / "resumed", step=20)
+    stopped = train(cfg, str(tmp_path / "resumed"))
+    watcher.join()
+    assert 20 <= stopped.summary["step"] < 300, "the run was not stopped mid-way"
+    resumed = train(cfg, str(tmp_path / "resumed"))
+    assert resumed.summary["status"] == "finished"
+    rows, reference_rows = read_metrics(tmp_path / "resumed"), read_metrics(tmp_path / "reference")
+    logged_before_stop = [row for row in rows if int(row["step"]) <= stopped.summary["step"]]
+    assert computed_columns(logged_before_stop) == computed_columns(reference_rows[: len(logged_before_stop)])
+    assert resumed.summary["step_size"] == pytest.approx(reference.summary["step_size"], rel=0.01)
+    assert resumed.summary["test/loss"] == pytest.approx(reference.summary["test/loss"], rel=0.01)
