@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test test-all bench-digits
+.PHONY: help install run test test-all bench-digits continual
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -25,6 +25,9 @@ run: $(STAMP)  ## the main job: a short real experiment on CPU or GPU, its plot 
 
 bench-digits: $(STAMP)  ## every optimizer config on the embedded digits data (CPU): results/digits_optimizers.md
 	OMP_NUM_THREADS=1 $(PY) scripts/bench_digits_optimizers.py
+
+continual: $(STAMP)  ## MetaOptimize vs tuned fixed steps vs IDBD on two non-stationary streams (CPU, ~1.5 h on 2 cores): results/continual/
+	OMP_NUM_THREADS=1 $(PY) -m experiments.continual
 
 test: $(STAMP)  ## the fast tests (no GPU, no network, no W&B account)
 	$(PY) -m pytest -q

@@ -223,34 +223,33 @@ def step(optimizer, closure: Callable[[], Any] | None, hessian_diagonal: dict[Te
     # per block (shape of beta) and per column (leading dimension), with the traces before the step.
     z: dict[int, Tensor] = {}
     z_tangent: dict[int, Tensor] = {}
-    for p, _ in entries:
-        trace = optimizer.state[p]["trace"].view(columns, *p.shape)
-        if approx.hessian == "hvp":
-            for block in blocks.values():
-                contribution = (trace[block.column] * p.grad).sum()
-                z[id(block.state)] = z.get(id(block.state), 0) + contribution
-                if approx.kind == "2x2":
-                    row = (trace[block.column].unsqueeze(0) * products[p]).flatten(1).sum(1)
-                    z_tangent[id(block.state)] = z_tangent.get(id(block.state), 0) + row
-        else:
-            block = blocks[id(optimizer._owner_state(layout[id(p)].owner))]
-            shape = block.state["beta"].shape
-            view_shape = layout[id(p)].view_shape
-            contribution = (trace[0] * p.grad).sum_to_size(view_shape).reshape(shape)
-            z[id(block.state)] = z.get(id(block.state), 0) + contribution
+    if approx.hessian == "hvp":  # z[b] = H[:, b] . g over every weight; z_tangent[b, j] = H[:, b] . Hess (gamma H[:, j])
+        traces = [optimizer.state[p]["trace"].reshape(columns, -1) for p, _ in entries]
+        z_all = sum(trace @ p.grad.reshape(-1) for trace, (p, _) in zip(traces, entries))
+        z_tangent_all = sum(trace @ products[p].reshape(columns, -1).T for trace, (p, _) in zip(traces, entries))
+        for key, block in blocks.items():
+            z[key] = z_all[block.column]
             if approx.kind == "2x2":
-                row = (trace * products[p]).sum_to_size((1, *view_shape)).reshape(1, *shape)
-                z_tangent[id(block.state)] = z_tangent.get(id(block.state), 0) + row
+                z_tangent[key] = z_tangent_all[block.column]
+    else:  # every column of H lives on its own block: sums over the block's weights
+        for p, _ in entries:
+            key = id(optimizer._owner_state(layout[id(p)].owner))
+            shape, view_shape = blocks[key].state["beta"].shape, layout[id(p)].view_shape
+            trace = optimizer.state[p]["trace"]
+            z[key] = z.get(key, 0) + (trace * p.grad).sum_to_size(view_shape).reshape(shape)
+            if approx.kind == "2x2":
+                row = (trace.unsqueeze(0) * products[p]).sum_to_size((1, *view_shape)).reshape(1, *shape)
+                z_tangent[key] = z_tangent.get(key, 0) + row
 
     if approx.meta_first:
-        _meta_update(optimizer, blocks, columns, z, z_tangent)
+        _meta_updates(optimizer, blocks, columns, z, z_tangent)
     directions = {key: _beta_direction(optimizer, block, columns) for key, block in blocks.items()}
-    for p, group in entries:
-        block = blocks[id(optimizer._owner_state(layout[id(p)].owner))]
-        _base_update(optimizer, p, group, block, layout[id(p)].view_shape, directions[id(block.state)],
-                     products[p], diagonals[p], columns)
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            _base_update(optimizer, group, params, blocks, directions, products, diagonals, columns)
     if not approx.meta_first:
-        _meta_update(optimizer, blocks, columns, z, z_tangent)
+        _meta_updates(optimizer, blocks, columns, z, z_tangent)
     return loss
 
 
@@ -360,88 +359,123 @@ def _beta_direction(optimizer, block: _Block, columns: int) -> Tensor:
     return gamma * trace + (1 - gamma) * identity
 
 
-def _base_update(optimizer, p, group, block, view_shape, beta_direction, hessian_product, diagonal, columns):
-    """Base step of ``p`` and the update of its traces, ``X <- dF/dx (gamma X) + dF/dg Hess (gamma H) + dF/dbeta b``."""
+def _flat(tensors: list[Tensor], columns: int | None = None) -> Tensor:
+    """The tensors of one param group (or meta group) side by side: one vector, or a
+    ``(columns, n)`` matrix for traces."""
+    if columns is None:
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return torch.cat([t.reshape(columns, -1) for t in tensors], dim=1)
+
+
+def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """The inverse of :func:`_flat`: one tensor per entry of ``like``, shaped like it."""
+    columns = flat.shape[0] if flat.dim() == 2 else 1
+    sizes = [t.numel() // columns for t in like]
+    return [chunk.reshape(t.shape) for chunk, t in zip(torch.split(flat, sizes, dim=-1), like)]
+
+
+def _base_update(optimizer, group, params, blocks, directions, products, diagonals, columns):
+    """Base step of one param group and the update of its traces,
+    ``X <- dF/dx (gamma X) + dF/dg Hess (gamma H) + dF/dbeta b``.
+
+    The group's tensors go side by side in one vector: the rules act weight by weight, so one
+    differentiation of the step serves them all."""
     approx: Approximation = optimizer.approx
     rule = optimizer.base_rule
-    state = optimizer.state[p]
+    layout = optimizer._layout()
+    states = [optimizer.state[p] for p in params]
     gamma = group["gamma"]
-    state["step"] += 1
+    betas, beta_directions = [], []
+    for p in params:
+        view_shape = layout[id(p)].view_shape
+        block = blocks[id(optimizer._owner_state(layout[id(p)].owner))]
+        betas.append(block.state["beta"].view(view_shape).expand_as(p))
+        # b, per column, broadcast to the block's weights
+        b = directions[id(block.state)].reshape((columns,) + (1,) * (p.dim() - len(view_shape)) + tuple(view_shape))
+        beta_directions.append(b.expand(columns, *p.shape))
+    for state in states:
+        state["step"] += 1
     base_step = partial(
         _base_step,
         rule=rule,
         hp={key: group[key] for key in rule.hyperparameters},
-        step=state["step"],
+        step=_flat([state["step"].expand_as(p) for p, state in zip(params, states)]),
         lr=group["lr"],
         weight_decay=group["weight_decay"],
         approx=approx,
     )
     inputs = {
-        "w": p.detach(),
-        "g": p.grad,
-        "beta": block.state["beta"].view(view_shape).expand_as(p),
-        **{name: state[name] for name in rule.moment_names},
+        "w": _flat([p.detach() for p in params]),
+        "g": _flat([p.grad for p in params]),
+        "beta": _flat(betas),
+        **{name: _flat([state[name] for state in states]) for name in rule.moment_names},
     }
     outputs, partials = _step_and_partials(base_step, inputs)
-    trace = state["trace"].view(columns, *p.shape)
-    # b broadcast against p: a leading column dimension, then the block's view of beta.
-    b = beta_direction.reshape((columns,) + (1,) * (p.dim() - len(view_shape)) + tuple(view_shape))
+    traces = _flat([state["trace"] for state in states], columns)
     tangents = {
-        "w": gamma * trace,
-        "g": hessian_product,
-        "beta": b,
-        **{name: gamma * state[f"trace_{name}"].view(columns, *p.shape) for name in rule.moment_names},
+        "w": gamma * traces,
+        "g": _flat([products[p] for p in params], columns),
+        "beta": _flat(beta_directions, columns),
+        **{name: gamma * _flat([state[f"trace_{name}"] for state in states], columns) for name in rule.moment_names},
     }
     new_traces = _push_forward(partials, tangents)
     if approx.clip_trace:
         # The new trace is A * trace + (the rest), with A = gamma (dF/dw + dF/dg diag(Hess));
         # IDBD's rectifier replaces A by max(A, 0).
-        decay = gamma * (partials["w"]["w"] + partials["w"]["g"] * diagonal)
-        new_traces["w"] = new_traces["w"] + torch.relu(-decay) * trace
-    p.copy_(outputs["w"])
-    state["trace"].copy_(new_traces["w"].view_as(state["trace"]))
+        decay = gamma * (partials["w"]["w"] + partials["w"]["g"] * _flat([diagonals[p] for p in params]))
+        new_traces["w"] = new_traces["w"] + torch.relu(-decay) * traces
+    for p, value in zip(params, _unflat(outputs["w"], params)):
+        p.copy_(value)
+    for name, key in [("w", "trace")] + [(name, f"trace_{name}") for name in rule.moment_names]:
+        for state, value in zip(states, _unflat(new_traces[name], [state[key] for state in states])):
+            state[key].copy_(value)
     for name in rule.moment_names:
-        state[name].copy_(outputs[name])
-        state[f"trace_{name}"].copy_(new_traces[name].view_as(state[f"trace_{name}"]))
+        for state, value in zip(states, _unflat(outputs[name], [state[name] for state in states])):
+            state[name].copy_(value)
 
 
-def _meta_update(optimizer, blocks: dict[int, _Block], columns: int, z, z_tangent) -> None:
-    """Meta step of every block and the update of its traces,
-    ``Y <- dM/dy (gamma Y + (1 - gamma) [I; 0]) + dM/dz H^T Hess (gamma H)``."""
-    rule = optimizer.meta_rule
+def _meta_updates(optimizer, blocks: dict[int, _Block], columns: int, z, z_tangent) -> None:
+    """Meta step of every block with a meta-gradient and the update of its traces,
+    ``Y <- dM/dy (gamma Y + (1 - gamma) [I; 0]) + dM/dz H^T Hess (gamma H)``, one meta group
+    at a time on its blocks side by side."""
+    by_group: dict[int, list[tuple[int, _Block]]] = {}
     for key, block in blocks.items():
-        if key not in z:
-            continue
-        group = optimizer.param_groups[block.meta_group]
-        state = block.state
+        if key in z:
+            by_group.setdefault(block.meta_group, []).append((key, block))
+    rule = optimizer.meta_rule
+    for meta_group, entries in by_group.items():
+        group = optimizer.param_groups[meta_group]
         gamma = group["gamma"]
-        beta = state["beta"]
-        state["meta_step"] += 1
+        states = [block.state for _, block in entries]
+        betas = [state["beta"] for state in states]
+        for state in states:
+            state["meta_step"] += 1
         meta_step = partial(
             _meta_step,
             rule=rule,
             hp={name: group[f"meta_{name}"] for name in rule.hyperparameters},
-            step=state["meta_step"],
+            step=_flat([state["meta_step"].expand_as(beta) for state, beta in zip(states, betas)]),
             meta_lr=group["meta_lr"],
         )
         inputs = {
-            "beta": beta,
-            "z": z[key].to(beta.dtype).reshape(beta.shape),
-            **{name: state[f"meta_{name}"] for name in rule.moment_names},
+            "beta": _flat(betas),
+            "z": _flat([z[key].to(beta.dtype) for (key, _), beta in zip(entries, betas)]),
+            **{name: _flat([state[f"meta_{name}"] for state in states]) for name in rule.moment_names},
         }
         outputs, partials = _step_and_partials(meta_step, inputs)
-        if key in z_tangent:
-            meta_gradient_tangent = z_tangent[key].to(beta.dtype).reshape(columns, *beta.shape)
-        else:  # L-approximation: dM/dz H^T Hess H is dropped
-            meta_gradient_tangent = torch.zeros((columns, *beta.shape), dtype=beta.dtype, device=beta.device)
+        meta_gradient_tangents = [  # the L-approximation drops dM/dz H^T Hess H
+            z_tangent[key].to(beta.dtype) if key in z_tangent else torch.zeros((columns, beta.numel()), dtype=beta.dtype)
+            for (key, _), beta in zip(entries, betas)
+        ]
         tangents = {
-            "beta": _beta_direction(optimizer, block, columns),
-            "z": meta_gradient_tangent,
-            **{name: gamma * state[f"meta_trace_{name}"].view(columns, *beta.shape) for name in rule.moment_names},
+            "beta": _flat([_beta_direction(optimizer, block, columns) for _, block in entries], columns),
+            "z": _flat(meta_gradient_tangents, columns),
+            **{name: gamma * _flat([s[f"meta_trace_{name}"] for s in states], columns) for name in rule.moment_names},
         }
         new_traces = _push_forward(partials, tangents)
-        beta.copy_(outputs["beta"])
-        state["meta_trace"].copy_(new_traces["beta"].view_as(state["meta_trace"]))
-        for name in rule.moment_names:
-            state[f"meta_{name}"].copy_(outputs[name])
-            state[f"meta_trace_{name}"].copy_(new_traces[name].view_as(state[f"meta_trace_{name}"]))
+        for name, key in [("beta", "beta")] + [(name, f"meta_{name}") for name in rule.moment_names]:
+            for state, value in zip(states, _unflat(outputs[name], [state[key] for state in states])):
+                state[key].copy_(value)
+        for name, key in [("beta", "meta_trace")] + [(name, f"meta_trace_{name}") for name in rule.moment_names]:
+            for state, value in zip(states, _unflat(new_traces[name], [state[key] for state in states])):
+                state[key].copy_(value)

@@ -39,6 +39,23 @@ def loss_at(weights: list[torch.Tensor], t: int) -> torch.Tensor:
     return nn.functional.cross_entropy(torch.tanh(x @ w1.T + b1) @ w2.T + b2, y)
 
 
+def separable_data(t):
+    generator = torch.Generator().manual_seed(200 + t)
+    return torch.randn(2, sum(math.prod(s) for s in SHAPES), generator=generator, dtype=torch.float64)
+
+
+def separable_loss(weights, t):
+    """A loss whose Hessian is diagonal: Hutchinson's estimate u * (Hess u) is then exact."""
+    a, b = separable_data(t)
+    return (nn.functional.softplus(a * flat(weights) - b) + 0.5 * a**2 * flat(weights) ** 2).sum()
+
+
+def separable_hessian_diagonal(weights, t):
+    a, b = separable_data(t)
+    s = torch.sigmoid(a * flat(weights) - b)
+    return a**2 * s * (1 - s) + a**2
+
+
 def initial_weights() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(shape, generator=generator, dtype=torch.float64) / 2 for shape in SHAPES]
@@ -50,6 +67,22 @@ def split(flat: torch.Tensor) -> list[torch.Tensor]:
 
 def flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def block_ids(blocks: str) -> torch.Tensor:
+    """The step-size block of every weight of the flat vector (param groups: the two layers)."""
+    sizes = [math.prod(s) for s in SHAPES]
+    if blocks == "scalar":
+        return torch.zeros(sum(sizes), dtype=torch.long)
+    if blocks == "layerwise":
+        return torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    if blocks == "param_group":
+        return torch.cat([torch.full((n,), k // 2) for k, n in enumerate(sizes)])
+    if blocks == "weightwise":
+        return torch.arange(sum(sizes))
+    # nodewise: a row of a weight matrix with the matching bias entry
+    rows1, rows2 = torch.arange(5), 5 + torch.arange(3)
+    return torch.cat([rows1.repeat_interleave(4), rows1, rows2.repeat_interleave(5), rows2])
 
 
 def relative_error(a, b) -> float:
@@ -94,7 +127,8 @@ def meta_step(meta, beta, z, mb, vb, t, eta):
     return beta - eta * (mb / (1 - rho**t)) / (torch.sqrt(vb / (1 - lam**t)) + hp["eps"]), mb, vb
 
 
-def unrolled(base, beta, block, *, meta="sgd", meta_lr=0.0, perturbation=None, traces=None, keep_dz_dw=True):
+def unrolled(base, beta, block, *, meta="sgd", meta_lr=0.0, perturbation=None, traces=None, keep_dz_dw=True,
+             loss=loss_at):
     """Train STEPS steps with log step sizes ``beta`` (one per block; ``block`` maps each weight to
     its block) and return the final weights and betas as differentiable functions of ``beta`` and of
     ``perturbation`` (added to the betas used at each step: the beta_t of eq. 8).
@@ -107,7 +141,7 @@ def unrolled(base, beta, block, *, meta="sgd", meta_lr=0.0, perturbation=None, t
     for t in range(STEPS):
         if perturbation is not None:
             beta = beta + perturbation[t]
-        g = torch.autograd.grad(loss_at(split(w), t), w, create_graph=True)[0]
+        g = torch.autograd.grad(loss(split(w), t), w, create_graph=True)[0]
         w_next, m, v = base_step(base, w, g, m, v, t + 1, torch.exp(beta)[block], WEIGHT_DECAY[base])
         if meta_lr != 0:
             z = torch.zeros_like(beta).index_add(0, block, traces[t] * g)
@@ -125,22 +159,22 @@ def jacobian(function, x):
 # -- the optimizer's run ----------------------------------------------------------------------
 
 
-def closure_for(optimizer, params, t):
+def closure_for(optimizer, params, t, loss_fn=loss_at):
     """The closure that step() needs: the loss of step t, with a gradient that keeps its graph."""
 
     def closure():
         optimizer.zero_grad()
-        loss = loss_at(params, t)
+        loss = loss_fn(params, t)
         loss.backward(create_graph=True)
         return loss
 
     return closure
 
 
-def optimizer_run(base, blocks, approx, *, meta="sgd", meta_lr=0.0, gamma=1.0, record=False):
+def optimizer_run(base, blocks, approx, *, meta="sgd", meta_lr=0.0, gamma=1.0, record=False, loss=loss_at):
     params = [nn.Parameter(w.clone()) for w in initial_weights()]
     optimizer = MetaOptimize(
-        params,
+        [{"params": params[:2]}, {"params": params[2:]}] if blocks == "param_group" else params,
         base,
         meta,
         blocks,
@@ -156,12 +190,8 @@ def optimizer_run(base, blocks, approx, *, meta="sgd", meta_lr=0.0, gamma=1.0, r
     for t in range(STEPS):
         if record:  # the trace before the step, for the meta-gradient of the unrolled run
             traces.append(flat(optimizer.state[p].get("trace", torch.zeros_like(p)) for p in params))
-        optimizer.step(closure_for(optimizer, params, t))
+        optimizer.step(closure_for(optimizer, params, t, loss))
     return params, optimizer, traces
-
-
-def scalar_block():
-    return torch.zeros(sum(math.prod(s) for s in SHAPES), dtype=torch.long)
 
 
 @pytest.mark.parametrize("approx", ["2x2", "l"])
@@ -170,78 +200,53 @@ def test_trace_is_the_derivative_of_the_weights_with_respect_to_beta(base, appro
     """meta_lr = 0, gamma = 1, scalar step size: H_T = d w_T / d beta, relative error < 1e-8."""
     params, optimizer, _ = optimizer_run(base, "scalar", approx)
     beta = torch.tensor([math.log(ALPHA0[base])], dtype=torch.float64)
-    expected = jacobian(lambda b: unrolled(base, b, scalar_block())[0], beta)[:, 0]
+    expected = jacobian(lambda b: unrolled(base, b, block_ids("scalar"))[0], beta)[:, 0]
     trace = flat(optimizer.state[p]["trace"] for p in params)
-    assert relative_error(flat(p.detach() for p in params), unrolled(base, beta, scalar_block())[0].detach()) < 1e-12
+    assert relative_error(flat(p.detach() for p in params), unrolled(base, beta, block_ids("scalar"))[0].detach()) < 1e-12
     assert relative_error(trace, expected) < 1e-8
     if base != "lion":  # Lion's update is flat in w and g: its trace is Hessian-free anyway
         hessian_free_params, hessian_free, _ = optimizer_run(base, "scalar", "hessian_free")
         assert relative_error(flat(hessian_free.state[p]["trace"] for p in hessian_free_params), expected) > 1e-3
 
 
+@pytest.mark.parametrize("blocks", ["layerwise", "param_group"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_blockwise_trace_has_one_column_per_block(base):
-    """Layerwise step sizes with Hessian-vector products: trace[b] of every tensor = d w_T / d beta_b."""
-    params, optimizer, _ = optimizer_run(base, "layerwise", "2x2")
-    block = torch.cat([torch.full((math.prod(s),), k) for k, s in enumerate(SHAPES)])
-    beta = torch.full((len(SHAPES),), math.log(ALPHA0[base]), dtype=torch.float64)
+def test_blockwise_trace_has_one_column_per_block(base, blocks):
+    """Blockwise step sizes with Hessian-vector products: trace[b] of every tensor = d w_T / d beta_b."""
+    params, optimizer, _ = optimizer_run(base, blocks, "2x2")
+    block = block_ids(blocks)
+    columns = int(block.max()) + 1
+    beta = torch.full((columns,), math.log(ALPHA0[base]), dtype=torch.float64)
     expected = jacobian(lambda b: unrolled(base, b, block)[0], beta)  # weights x blocks
-    trace = torch.cat([optimizer.state[p]["trace"].reshape(len(SHAPES), -1) for p in params], dim=1).T
+    trace = torch.cat([optimizer.state[p]["trace"].reshape(columns, -1) for p in params], dim=1).T
     assert relative_error(trace, expected) < 1e-8
     # The Hessian couples the blocks: perturbing one block's step size moves every tensor.
     assert expected[block != 0, 0].abs().max() > 1e-3
 
 
-def separable_data(t):
-    generator = torch.Generator().manual_seed(200 + t)
-    return torch.randn(2, sum(math.prod(s) for s in SHAPES), generator=generator, dtype=torch.float64)
-
-
-def separable_loss(weights, t):
-    """A loss whose Hessian is diagonal: Hutchinson's estimate u * (Hess u) is then exact."""
-    a, b = separable_data(t)
-    return (nn.functional.softplus(a * flat(weights) - b) + 0.5 * a**2 * flat(weights) ** 2).sum()
-
-
-def separable_hessian_diagonal(weights, t):
-    a, b = separable_data(t)
-    s = torch.sigmoid(a * flat(weights) - b)
-    return a**2 * s * (1 - s) + a**2
-
-
 @pytest.mark.parametrize("given_diagonal", [False, True])
+@pytest.mark.parametrize("blocks", ["weightwise", "nodewise"])
 @pytest.mark.parametrize("base", ["sgd", "rmsprop", "adamw"])
-def test_weightwise_diagonal_trace_is_exact_for_a_diagonal_hessian(base, given_diagonal):
-    """hessian="diagonal" (weightwise): with a diagonal Hessian, H_T[i] = d w_T[i] / d beta_i."""
+def test_diagonal_trace_is_exact_for_a_diagonal_hessian(base, blocks, given_diagonal):
+    """hessian="diagonal": with a diagonal Hessian, H_T[i] = d w_T[i] / d beta of its block, given
+    the diagonal or estimated by Hutchinson (then exact)."""
     params = [nn.Parameter(w.clone()) for w in initial_weights()]
-    optimizer = MetaOptimize(params, base, "sgd", "weightwise", approx="2x2", alpha0=ALPHA0[base], meta_lr=0.0,
+    optimizer = MetaOptimize(params, base, "sgd", blocks, approx="2x2", alpha0=ALPHA0[base], meta_lr=0.0,
                              weight_decay=WEIGHT_DECAY[base], **HP[base])
     for t in range(STEPS):
-        def closure():
-            optimizer.zero_grad()
-            loss = separable_loss(params, t)
-            loss.backward(create_graph=not given_diagonal)
-            return loss
-
         if given_diagonal:
-            closure()
+            optimizer.zero_grad()
+            separable_loss(params, t).backward()
             diagonal = separable_hessian_diagonal([p.detach() for p in params], t)
             optimizer.step(hessian_diagonal=dict(zip(params, split(diagonal))))
         else:
-            optimizer.step(closure)
-
-    def run(beta):
-        w = flat(initial_weights()).requires_grad_()
-        m, v = torch.zeros_like(w), torch.zeros_like(w)
-        for t in range(STEPS):
-            g = torch.autograd.grad(separable_loss(split(w), t), w, create_graph=True)[0]
-            w, m, v = base_step(base, w, g, m, v, t + 1, torch.exp(beta), WEIGHT_DECAY[base])
-        return w
-
-    beta = torch.full((len(flat(params)),), math.log(ALPHA0[base]), dtype=torch.float64)
-    expected = jacobian(run, beta)
-    assert relative_error(flat(optimizer.state[p]["trace"] for p in params), expected.diagonal()) < 1e-8
-    assert (expected - torch.diag(expected.diagonal())).abs().max() < 1e-12
+            optimizer.step(closure_for(optimizer, params, t, separable_loss))
+    block = block_ids(blocks)
+    beta = torch.full((int(block.max()) + 1,), math.log(ALPHA0[base]), dtype=torch.float64)
+    expected = jacobian(lambda b: unrolled(base, b, block, loss=separable_loss)[0], beta)  # weights x blocks
+    own_block = expected[torch.arange(len(block)), block]
+    assert relative_error(flat(optimizer.state[p]["trace"] for p in params), own_block) < 1e-8
+    assert (expected.sum(1) - own_block).abs().max() < 1e-12  # no weight depends on another block's beta
 
 
 def combined(jacobian_columns: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -253,31 +258,51 @@ def combined(jacobian_columns: torch.Tensor, gamma: float) -> torch.Tensor:
     return jacobian_columns @ weights
 
 
+def meta_state(optimizer, params, blocks, key):
+    """A meta state tensor of every block, in block order."""
+    if blocks == "scalar":
+        return optimizer.param_groups[0][key].reshape(-1)
+    return flat(optimizer.state[p][key] for p in params)
+
+
+DYNAMICS = [  # (base, meta, blocks, loss): HVP columns on the network, the diagonal route on the separable loss
+    ("sgd", "sgd", "scalar", loss_at),
+    ("adamw", "adam", "scalar", loss_at),
+    ("sgdm", "adam", "scalar", loss_at),
+    ("sgd", "sgd", "weightwise", separable_loss),
+    ("adamw", "adam", "weightwise", separable_loss),
+]
+
+
 @pytest.mark.parametrize("gamma", [1.0, 0.8])
 @pytest.mark.parametrize("approx", ["2x2", "l"])
-@pytest.mark.parametrize("base,meta", [("sgd", "sgd"), ("adamw", "adam"), ("sgdm", "adam")])
-def test_traces_follow_the_step_size_dynamics(base, meta, approx, gamma):
+@pytest.mark.parametrize("base,meta,blocks,loss", DYNAMICS, ids=[f"{b}-{m}-{k}" for b, m, k, _ in DYNAMICS])
+def test_traces_follow_the_step_size_dynamics(base, meta, blocks, loss, approx, gamma):
     """meta_lr > 0: the traces X (H) and Y (meta_trace) are the discounted derivatives of eq. 8
     and 12 of the run that the approximation describes."""
     meta_lr = {"sgd": 0.5, "adam": 0.05}[meta]
-    params, optimizer, traces = optimizer_run(base, "scalar", approx, meta=meta, meta_lr=meta_lr, gamma=gamma, record=True)
-    beta0 = torch.tensor([math.log(ALPHA0[base])], dtype=torch.float64)
+    params, optimizer, traces = optimizer_run(base, blocks, approx, meta=meta, meta_lr=meta_lr, gamma=gamma,
+                                              record=True, loss=loss)
+    block = block_ids(blocks)
+    beta0 = torch.full((int(block.max()) + 1,), math.log(ALPHA0[base]), dtype=torch.float64)
 
     def run(perturbation):
-        return unrolled(base, beta0, scalar_block(), meta=meta, meta_lr=meta_lr, perturbation=perturbation,
-                        traces=traces, keep_dz_dw=approx == "2x2")
+        return unrolled(base, beta0, block, meta=meta, meta_lr=meta_lr, perturbation=perturbation,
+                        traces=traces, keep_dz_dw=approx == "2x2", loss=loss)
 
-    w, beta = run(torch.zeros(STEPS, 1, dtype=torch.float64))
+    zero = torch.zeros(STEPS, len(beta0), dtype=torch.float64)
+    w, beta = run(zero)
     assert relative_error(flat(p.detach() for p in params), w.detach()) < 1e-12
-    assert relative_error(optimizer.param_groups[0]["beta"].reshape(1), beta.detach()) < 1e-12
-    assert abs(beta.item() - beta0.item()) > 1e-2  # the step size moved
-    zero = torch.zeros(STEPS, 1, dtype=torch.float64)
-    expected_trace = combined(jacobian(lambda e: run(e)[0], zero)[:, :, 0], gamma)
-    expected_meta_trace = combined(jacobian(lambda e: run(e)[1], zero)[:, :, 0], gamma)
+    assert relative_error(meta_state(optimizer, params, blocks, "beta"), beta.detach()) < 1e-12
+    assert (beta - beta0).abs().max() > 1e-2  # the step sizes moved
+    # d(.)_T[i] / d perturbation_tau[block of i]: the derivatives of eq. 8 and 12, then their discounted sum
+    weights, blocks_ = torch.arange(len(block)), torch.arange(len(beta0))
+    expected_trace = combined(jacobian(lambda e: run(e)[0], zero)[weights, :, block], gamma)
+    expected_meta_trace = combined(jacobian(lambda e: run(e)[1], zero)[blocks_, :, blocks_], gamma)
     assert relative_error(flat(optimizer.state[p]["trace"] for p in params), expected_trace) < 1e-8
-    assert relative_error(optimizer.param_groups[0]["meta_trace"].reshape(1), expected_meta_trace) < 1e-8
+    assert relative_error(meta_state(optimizer, params, blocks, "meta_trace"), expected_meta_trace) < 1e-8
     if approx == "2x2" and meta == "sgd":  # Y moves away from 1 only through H^T Hess H
-        assert abs(expected_meta_trace.item() - 1) > 1e-4
+        assert (expected_meta_trace - 1).abs().max() > 1e-4
 
 
 def test_l_approximation_keeps_y_at_one_and_2x2_moves_it():

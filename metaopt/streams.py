@@ -1,0 +1,99 @@
+"""Streams whose loss changes over time: the continual (non-stationary) setting.
+
+A stream is fixed in advance by its seed: ``stream.batch(t)`` is the batch of step ``t``, the
+same for every learner that runs on it; ``stream.loss(outputs, targets)`` is the loss on it and
+``stream.model()`` builds the model it is meant for. A learner sees each batch once, in order,
+and is scored on the *online* loss: the loss of each batch before the learner steps on it.
+
+* :class:`LinearTracking`: Sutton's (1992) tracking task. ``y = w*_t . x`` with ``x ~ N(0, I)``;
+  5 of 20 target weights are +-1, the other 15 are 0 (irrelevant inputs), and every
+  ``flip_every`` steps one relevant weight, chosen at random, flips sign. A linear model, the
+  squared error ``(y_hat - y)^2 / 2``. The best a learner can do is to track the relevant
+  weights quickly and leave the irrelevant ones still: one step size per weight helps.
+* :class:`PermutedDigits`: scikit-learn's 8x8 digits (1,797 images shipped inside the package),
+  with the labels permuted anew every ``permute_every`` steps: the inputs stay, the mapping
+  to classes changes. A one-hidden-layer MLP, cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class LinearTracking:
+    steps: int
+    inputs: int = 20
+    relevant: int = 5
+    flip_every: int = 20
+    batch_size: int = 1
+    seed: int = 0
+    x: Tensor = field(init=False, repr=False)
+    y: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        target = torch.zeros(self.inputs)
+        target[: self.relevant] = 1.0
+        targets = torch.empty(self.steps, self.inputs)
+        for t in range(self.steps):
+            if t > 0 and t % self.flip_every == 0:
+                target[torch.randint(self.relevant, (1,), generator=generator)] *= -1
+            targets[t] = target
+        self.x = torch.randn(self.steps, self.batch_size, self.inputs, generator=generator)
+        self.y = torch.einsum("tbi,ti->tb", self.x, targets).unsqueeze(-1)
+
+    def batch(self, t: int) -> tuple[Tensor, Tensor]:
+        return self.x[t], self.y[t]
+
+    def model(self) -> nn.Module:
+        model = nn.Linear(self.inputs, 1, bias=False)
+        nn.init.zeros_(model.weight)
+        return model
+
+    @staticmethod
+    def loss(outputs: Tensor, targets: Tensor) -> Tensor:
+        return 0.5 * ((outputs - targets) ** 2).mean()
+
+    def hessian_diagonal(self, model: nn.Module, t: int) -> dict[Tensor, Tensor]:
+        """The exact diagonal of the loss's Hessian at step ``t``: the mean of ``x^2`` (IDBD's ``a^2``)."""
+        return {model.weight: (self.x[t] ** 2).mean(0, keepdim=True)}
+
+
+@dataclass
+class PermutedDigits:
+    steps: int
+    permute_every: int = 2000
+    batch_size: int = 16
+    hidden: int = 64
+    seed: int = 0
+    features: Tensor = field(init=False, repr=False)
+    labels: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        from sklearn.datasets import load_digits  # here: only this stream needs scikit-learn
+
+        digits = load_digits()
+        self.features = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+        generator = torch.Generator().manual_seed(self.seed)
+        self._indices = torch.randint(len(self.features), (self.steps, self.batch_size), generator=generator)
+        tasks = (self.steps + self.permute_every - 1) // self.permute_every
+        self._permutations = torch.stack([torch.randperm(10, generator=generator) for _ in range(tasks)])
+        self.labels = torch.tensor(digits.target)
+
+    def batch(self, t: int) -> tuple[Tensor, Tensor]:
+        indices = self._indices[t]
+        return self.features[indices], self._permutations[t // self.permute_every][self.labels[indices]]
+
+    def model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(64, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 10))
+
+    @staticmethod
+    def loss(outputs: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(outputs, targets)
+
+
+STREAMS = {"linear_tracking": LinearTracking, "permuted_digits": PermutedDigits}
