@@ -1,0 +1,87 @@
+"""The paper's items as sweeps: which runs an experiment expects, and which curve each run is.
+
+conf/experiment/<item>.yaml lists its runs as named grids (hydra_plugins/metaopt_grids_sweeper);
+scripts/collect_runs.py and scripts/make_figures.py use this module to expand them exactly as the
+sweeper does, so a figure knows every run it needs and names the one that is missing.
+
+    cfg = compose_experiment("fig1", "mini")
+    for run in expected_runs(cfg): print(run.grid, run.arm, run.key)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+import experiments.train  # noqa: F401  (registers the path_join resolver of conf/hydra/default.yaml)
+from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ITEMS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8")
+SCALES = ("full", "mini", "smoke")
+# Overrides that choose the sweep rather than a run: left out of a run's key.
+SWEEP_CHOICES = ("experiment", "scale")
+
+
+@dataclass(frozen=True)
+class Run:
+    grid: str  # the grid of conf/experiment/<item>.yaml it comes from
+    overrides: tuple[str, ...]  # key=value, as the sweeper passes them
+    arm: str  # the curve it belongs to (see arm_names)
+
+    @property
+    def key(self) -> str:
+        """The run's identity: its sorted overrides, without the seed's."""
+        return " ".join(sorted(o for o in self.overrides if not o.startswith("seed=")))
+
+    @property
+    def values(self) -> dict[str, str]:
+        return dict(o.split("=", 1) for o in self.overrides)
+
+
+def compose_experiment(item: str, scale: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """conf/train.yaml with experiment=<item> and scale=<scale>, the hydra node included."""
+    if item not in ITEMS:
+        raise ValueError(f"unknown paper item {item!r}: use one of {', '.join(ITEMS)}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: use one of {', '.join(SCALES)}")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={item}", f"scale={scale}", *overrides],
+                       return_hydra_config=True)
+
+
+def expected_runs(cfg: DictConfig) -> list[Run]:
+    """Every run of the experiment's sweep, in launch order, each with its arm."""
+    sweeper = cfg.hydra.sweeper
+    grids = OmegaConf.to_container(sweeper.grids, resolve=True)
+    params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.params else {}
+    expanded = expand_grids(grids, params)
+    tuned = set(cfg.figure.tuned)
+    return [Run(grid, tuple(overrides), grid if grid in tuned else arm_names(grid, overrides, expanded))
+            for grid, overrides in expanded]
+
+
+def arm_names(grid: str, overrides: list[str], expanded: list[tuple[str, list[str]]]) -> str:
+    """The curve a run of an untuned grid belongs to (a grid that figure.tuned lists is one
+    curve, its best setting, named after the grid).
+
+    Each setting of the grid is its own curve, named by the optimizer when only the optimizer varies
+    (metaopt_lion_lion), else by the keys that vary in the grid (optimizer.alpha0=1e-08).
+    """
+    siblings = [dict(o.split("=", 1) for o in other) for name, other in expanded if name == grid]
+    varying = [k for k in siblings[0] if k != "seed" and len({s.get(k) for s in siblings}) > 1]
+    values = dict(o.split("=", 1) for o in overrides)
+    if varying == ["optimizer"] or not varying:
+        return values.get("optimizer", grid)
+    parts = [values["optimizer"]] if "optimizer" in varying else []
+    return " ".join(parts + [f"{k}={values[k]}" for k in varying if k != "optimizer"])
+
+
+def run_dir_key(overrides_file: Path) -> str:
+    """A finished run folder's key (as Run.key) from the .hydra/overrides.yaml Hydra wrote there."""
+    overrides = OmegaConf.load(overrides_file)
+    kept = [str(o) for o in overrides if str(o).split("=", 1)[0] not in SWEEP_CHOICES and not str(o).startswith("seed=")]
+    return " ".join(sorted(kept))

@@ -1,0 +1,247 @@
+"""Rebuild the paper's figures from results/<item>/runs.csv alone (no W&B, no GPU, no run folders).
+
+    python scripts/make_figures.py              # every item that has a results/<item>/runs.csv
+    python scripts/make_figures.py fig1 fig3    # these; an item without runs.csv is an error
+
+For each item it checks runs.csv against the experiment's sweep (conf/experiment/<item>.yaml at
+the scale recorded in the CSV) and stops, naming them, if a run is missing or unfinished. Then:
+- a tuned grid (figure.tuned: fixed step sizes, cosine peaks, DoG's initial movement, gdtuo's
+  and mechanic's variants) becomes one curve, its setting with the best mean final
+  figure.select.metric over seeds; a run that diverged ranks last;
+- results/<item>/<item>.png: the curves (mean over seeds, band of +-1 std when n > 1) of each
+  figure.metrics row for each figure.panels column, or, for kind step_sizes, every step size the
+  runs logged (one per block for the blockwise runs);
+- results/<item>/summary.csv: every setting's final values (mean, std, n), and which were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/, hydra_plugins/
+
+from experiments.reproduce import ITEMS, compose_experiment, expected_runs  # noqa: E402
+
+IDENTITY = ("item", "scale", "grid", "arm", "run", "seed", "status")
+SUMMARY_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "step_size")
+
+
+class MissingRuns(RuntimeError):
+    """runs.csv lacks runs that the experiment's sweep expects, or holds unfinished ones."""
+
+
+def read_runs(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run `make {path.parent.name}` (it sweeps, then collects)")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def row_key(row: dict[str, str]) -> str:
+    """A row's run key, as experiments.reproduce.Run.key: its swept values, without the seed.
+
+    collect_runs.py writes the identity columns, then the swept keys, then metrics.csv's (from step on).
+    """
+    columns = list(row)
+    swept = columns[len(IDENTITY):columns.index("step")]
+    return " ".join(sorted(f"{k}={row[k]}" for k in swept if row[k] != ""))
+
+
+def group_runs(item: str, rows: list[dict[str, str]]):
+    """The sweep's runs with their rows; raises MissingRuns naming every absent or unfinished run."""
+    scales = {row["scale"] for row in rows}
+    if len(scales) != 1:
+        raise ValueError(f"results/{item}/runs.csv mixes scales {sorted(scales)}: collect one scale per item")
+    scale = scales.pop()
+    cfg = compose_experiment(item, scale)
+    by_run = defaultdict(list)
+    for row in rows:
+        by_run[(row_key(row), row["seed"])].append(row)
+    runs, problems = [], []
+    for run in expected_runs(cfg):
+        seed = run.values.get("seed", "0")
+        run_rows = by_run.get((run.key, seed))
+        if not run_rows:
+            problems.append(f"missing: {run.key} seed={seed}")
+        elif run_rows[0]["status"] not in ("finished", "failed"):
+            problems.append(f"not finished ({run_rows[0]['status']}): {run.key} seed={seed}")
+        else:
+            runs.append((run, run_rows))
+    if problems:
+        raise MissingRuns(f"results/{item}/runs.csv does not hold the whole {item} sweep at scale {scale} "
+                          f"({len(problems)} of {len(problems) + len(runs)} runs):\n  " + "\n  ".join(problems)
+                          + f"\nrun `make {item} SCALE={scale}` (finished runs are skipped), then collect again")
+    return cfg, scale, runs
+
+
+def final(rows: list[dict[str, str]], metric: str) -> float:
+    """The last logged value of metric; nan if the run never logged it."""
+    values = [row[metric] for row in rows if row.get(metric, "") != ""]
+    return float(values[-1]) if values else math.nan
+
+
+def score(run_rows: list[list[dict[str, str]]], metric: str, mode: str) -> float:
+    """Mean final metric over seeds, oriented so that lower is better; a diverged seed ranks last."""
+    values = [final(rows, metric) for rows in run_rows]
+    if any(not math.isfinite(v) for v in values) or any(rows[0]["status"] != "finished" for rows in run_rows):
+        return math.inf
+    mean = statistics.fmean(values)
+    return mean if mode == "min" else -mean
+
+
+def curves(cfg, runs):
+    """{arm: (label, [rows of each seed])}: every untuned setting, and each tuned grid's best."""
+    settings = defaultdict(list)  # (arm, key) -> rows of each seed
+    for run, rows in runs:
+        settings[(run.arm, run.key)].append(rows)
+    select = cfg.figure.get("select") or {"metric": "train/loss", "mode": "min"}
+    chosen, summary = {}, []
+    for arm in dict.fromkeys(arm for arm, _ in settings):
+        candidates = {key: seeds for (a, key), seeds in settings.items() if a == arm}
+        ranked = sorted(candidates, key=lambda key: score(candidates[key], select["metric"], select["mode"]))
+        best = ranked[0]
+        tuned = len(candidates) > 1
+        name = arm.replace("optimizer.", "")
+        label = f"{name} ({_varying(best, candidates)})" if tuned else name
+        chosen[arm] = (label, candidates[best])
+        for key in ranked:
+            summary.append(_summary_row(arm, key, candidates[key], tuned, key == best))
+    return chosen, summary
+
+
+def _varying(best: str, candidates: dict) -> str:
+    """The part of the best setting's key that differs between the candidates (e.g. optimizer.lr=0.001)."""
+    split = [dict(part.split("=", 1) for part in key.split()) for key in candidates]
+    best_values = dict(part.split("=", 1) for part in best.split())
+    keys = [k for k in best_values if len({s.get(k) for s in split}) > 1]
+    return ", ".join(f"{k.removeprefix('optimizer.')}={best_values[k]}" for k in keys) + ", tuned"
+
+
+def _summary_row(arm: str, key: str, seeds: list, tuned: bool, selected: bool) -> dict:
+    row = {"arm": arm, "setting": key, "selected": ("yes" if selected else "no") if tuned else "-",
+           "n": len(seeds), "status": "/".join(sorted({rows[0]["status"] for rows in seeds}))}
+    for metric in SUMMARY_METRICS:
+        values = [final(rows, metric) for rows in seeds]
+        finite = [v for v in values if math.isfinite(v)]
+        row[f"{metric} mean"] = statistics.fmean(finite) if len(finite) == len(values) and finite else ""
+        row[f"{metric} std"] = statistics.stdev(finite) if len(finite) == len(values) and len(finite) > 1 else ""
+    return row
+
+
+def panel_arms(entries, chosen, runs) -> list[str]:
+    """A panel's curves: an entry is an arm, or a grid whose arms all go in."""
+    arms = []
+    for entry in entries:
+        if entry in chosen:
+            arms.append(entry)
+            continue
+        members = list(dict.fromkeys(run.arm for run, _ in runs if run.grid == entry))
+        if not members:
+            raise ValueError(f"figure.panels names {entry!r}, which is neither an arm nor a grid of the sweep")
+        arms += members
+    return arms
+
+
+def _series(seeds: list[list[dict[str, str]]], metric: str):
+    """Steps and the mean / std over seeds of metric at the steps every seed logged it."""
+    per_seed = [{int(r["step"]): float(r[metric]) for r in rows if r.get(metric, "") != ""} for rows in seeds]
+    steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    means = [statistics.fmean(s[step] for s in per_seed) for step in steps]
+    stds = [statistics.stdev(s[step] for s in per_seed) if len(per_seed) > 1 else 0.0 for step in steps]
+    return steps, means, stds
+
+
+def plot(item: str, cfg, chosen, runs, out: Path) -> None:
+    fig_cfg = cfg.figure
+    panels = list(fig_cfg.panels)
+    step_size_kind = fig_cfg.kind == "step_sizes"
+    metrics = list(fig_cfg.metrics)
+    nrows = 1 if step_size_kind else len(metrics)
+    fig, axes = plt.subplots(nrows, len(panels), figsize=(max(6.4, 4.8 * len(panels)), 3.4 * nrows), squeeze=False)
+    for col, panel in enumerate(panels):
+        for arm_index, arm in enumerate(panel_arms(panel.arms, chosen, runs)):
+            label, seeds = chosen[arm]
+            color = f"C{arm_index % 10}"
+            if step_size_kind:
+                ax = axes[0][col]
+                columns = [k for k in seeds[0][0] if k.startswith("step_size")]
+                for block_index, column in enumerate(columns):
+                    steps, means, _ = _series(seeds, column)
+                    ax.plot(steps, means, color=f"C{block_index % 10}", label=column.removeprefix("step_size/"))
+                ax.set_yscale("log")
+                ax.set_ylabel("step size")
+                continue
+            for row, metric in enumerate(metrics):
+                ax = axes[row][col]
+                steps, means, stds = _series(seeds, metric)
+                if not steps:
+                    continue
+                learned = seeds[0][0].get("optimizer", "").startswith("metaopt_")  # MetaOptimize solid, baselines dashed
+                ax.plot(steps, means, color=color, label=label, linestyle="-" if learned else "--")
+                if len(seeds) > 1:
+                    ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                                    color=color, alpha=0.15)
+                ax.set_ylabel(metric)
+                if metric.startswith("step_size") or metric.endswith("loss"):
+                    ax.set_yscale("log")
+        axes[0][col].set_title(panel.title)
+        for row in range(nrows):
+            axes[row][col].set_xlabel("step")
+            axes[row][col].grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7)
+    fig.suptitle(f"{fig_cfg.title} ({cfg_scale(cfg)} scale)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"{item}.png", dpi=110)
+    plt.close(fig)
+
+
+def cfg_scale(cfg) -> str:
+    return cfg.hydra.runtime.choices.get("scale", "full")
+
+
+def build(item: str, results: Path) -> Path:
+    """Check, plot and summarise one item; returns the figure's path."""
+    out = results / item
+    rows = read_runs(out / "runs.csv")
+    cfg, _, runs = group_runs(item, rows)
+    chosen, summary = curves(cfg, runs)
+    plot(item, cfg, chosen, runs, out)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    return out / f"{item}.png"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("items", nargs="*", help=f"of {', '.join(ITEMS)}; default: every item with a runs.csv")
+    parser.add_argument("--results", default="results", help="the folder that holds <item>/runs.csv")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    unknown = [item for item in args.items if item not in ITEMS]
+    if unknown:
+        parser.error(f"unknown items {unknown}: use {', '.join(ITEMS)}")
+    items = args.items or [item for item in ITEMS if (results / item / "runs.csv").exists()]
+    if not items:
+        raise SystemExit(f"no {results}/<item>/runs.csv: run `make fig1` (or `make mini`) first")
+    for item in ITEMS:
+        if item not in items and not args.items:
+            print(f"{item}: no {results / item / 'runs.csv'} yet (make {item})")
+    for item in items:
+        print(f"{item}: {build(item, results)}")
+
+
+if __name__ == "__main__":
+    main()

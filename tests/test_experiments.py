@@ -1,0 +1,222 @@
+"""The paper's items as sweeps: every experiment composes at every scale, each sweep has the runs
+the paper's protocol implies, figures come from runs.csv alone and refuse an incomplete one, and
+(slow) `make fig1 SCALE=smoke`'s command runs end to end through the submitit local launcher."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from experiments.reproduce import CONF, ITEMS, SCALES, compose_experiment, expected_runs
+from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
+from metaopt.blocks import param_groups_by_prefix
+from metaopt.models.resnet import resnet_mini
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(ROOT / "scripts"))
+import collect_runs  # noqa: E402
+import make_figures  # noqa: E402
+
+# The runs each sweep holds, from the paper's protocol (Appendix C) and the scale profiles:
+#   full: 3 seeds; fixed steps over 5 values, cosine peaks over 3, DoG over 4 initial movements
+#   mini: 1 seed; fixed steps and cosine peaks over 3 values, DoG over 2
+#   smoke: 1 seed, the full grids
+FIG1 = {"full": (8 + 4 * 5) * 3, "mini": 8 + 4 * 3, "smoke": 8 + 4 * 5}  # 8 MetaOptimize arms, 4 tuned bases
+FIG4 = {"full": (3 + 2 * 5 + 3 + 4 + 1 + 3 + 3) * 3,  # MetaOptimize, AdamW/Lion, cosine, DoG, Prodigy, gdtuo, mechanic
+        "mini": 3 + 2 * 3 + 3 + 2 + 1 + 3 + 3, "smoke": 3 + 2 * 5 + 3 + 4 + 1 + 3 + 3}
+FIG5 = {"full": (2 + 2 * 5 + 3 + 4 + 1 + 3) * 3,  # as Fig. 4 without gdtuo (tied embeddings)
+        "mini": 2 + 2 * 3 + 3 + 2 + 1 + 3, "smoke": 2 + 2 * 5 + 3 + 4 + 1 + 3}
+EXPECTED_RUNS = {
+    "fig1": FIG1,
+    "fig2": {"full": 5 * 3, "mini": 5, "smoke": 5},  # five alpha0
+    "fig3": {"full": 3, "mini": 1, "smoke": 1},  # the blockwise (SGDm, Adam) run of Fig. 1
+    "fig4": FIG4,
+    "fig5": FIG5,
+    "fig6": FIG4,
+    "fig7": FIG5,
+    "fig8": {"full": 4 * 3, "mini": 4, "smoke": 4},  # (AdamW, Lion), (Lion, Lion): scalar and blockwise
+}
+# Figures drawn from another's runs: their runs are a subset of that sweep's, in the same folders.
+SHARED = {"fig3": "fig1", "fig6": "fig4", "fig7": "fig5", "fig8": "fig4"}
+
+
+@pytest.fixture(scope="module")
+def experiments():
+    return {(item, scale): compose_experiment(item, scale) for item in ITEMS for scale in SCALES}
+
+
+def test_every_paper_item_has_an_experiment_with_its_command():
+    for item in ITEMS:
+        text = (CONF / "experiment" / f"{item}.yaml").read_text()
+        assert text.startswith("# @package _global_\n")
+        assert f"make {item}" in text and f"experiment={item}" in text
+
+
+@pytest.mark.parametrize("item", ITEMS)
+@pytest.mark.parametrize("scale", SCALES)
+def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
+    cfg = experiments[(item, scale)]
+    runs = expected_runs(cfg)
+    assert len(runs) == EXPECTED_RUNS[item][scale]
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    # distinct runs land in distinct folders: the folder is named by the overrides and the seed
+    assert len({(run.key, run.values["seed"]) for run in runs}) == len(runs)
+    assert cfg.run_root == {"full": "runs", "mini": "runs/mini", "smoke": "runs/smoke"}[scale]
+
+
+# Every (item, scale) in the slow tier; the fast tier composes the sweeps run here (mini) of the
+# items whose runs the others reuse. A compose takes about 0.3 s.
+COMPOSE_CASES = [pytest.param(item, scale, marks=[] if scale == "mini" and item in ("fig1", "fig2", "fig4", "fig5")
+                              else [pytest.mark.slow]) for item in ITEMS for scale in SCALES]
+
+
+@pytest.mark.parametrize("item, scale", COMPOSE_CASES)
+def test_each_grid_composes_into_a_run_config(experiments, item, scale):
+    """The first run of every grid composes as the job would, with the scale's data and model."""
+    cfg = experiments[(item, scale)]
+    first = {}
+    for run in expected_runs(cfg):
+        first.setdefault(run.grid, run)
+    dataset, model = cfg.hydra.sweeper.params.dataset, cfg.hydra.sweeper.params.model
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for run in first.values():
+            job = compose("train", overrides=[f"experiment={item}", f"scale={scale}", *run.overrides])
+            assert job.dataset._target_.endswith("." + dataset) and job.optimizer._target_
+            assert job.model._target_.split(".")[-1] == model
+            assert job.trainer.max_steps == cfg.trainer.max_steps
+            if "optimizer.meta_lr" in run.values:  # MetaOptimize arms run at the scale's eta
+                assert job.optimizer.meta_lr == cfg.tuning.meta_lr
+    stand_ins = {"full": {"cifar10", "imagenet", "tinystories"}, "mini": {"fashion_mnist", "text_corpus"},
+                 "smoke": {"digits", "text_corpus"}}
+    assert dataset in stand_ins[scale]
+
+
+@pytest.mark.parametrize("item, source", SHARED.items())
+def test_figures_that_share_runs_share_their_folders(experiments, item, source):
+    for scale in SCALES:
+        cfg, source_cfg = experiments[(item, scale)], experiments[(source, scale)]
+        assert cfg.run_group == source_cfg.run_group == source
+        if item == "fig8":  # its scalar runs are Fig. 4's, its blockwise runs its own
+            shared = {(r.key, r.values["seed"]) for r in expected_runs(cfg) if "6blocks" not in r.key}
+        else:
+            shared = {(r.key, r.values["seed"]) for r in expected_runs(cfg)}
+        assert shared <= {(r.key, r.values["seed"]) for r in expected_runs(source_cfg)}
+
+
+def test_tuned_grids_follow_appendix_c(experiments):
+    runs = expected_runs(experiments[("fig4", "full")])
+    values = lambda grid, key: sorted({float(r.values[key]) for r in runs if r.grid == grid})  # noqa: E731
+    assert values("adamw", "optimizer.lr") == values("lion", "optimizer.lr") == [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert values("adamw_cosine", "optimizer.lr") == [1e-5, 1e-4, 1e-3]
+    assert values("adamw_cosine", "optimizer.adapter.scheduler.warmup_steps") == [10000]
+    assert values("dog", "optimizer.reps_rel") == [1e-9, 1e-8, 1e-7, 1e-6]
+    assert values("metaopt", "optimizer.meta_lr") == [1e-3]
+    assert {r.arm for r in runs if r.grid == "gdtuo"} == {"gdtuo"}  # a tuned grid is one curve
+    assert {r.arm for r in runs if r.grid == "metaopt"} == {"metaopt_adamw_lion", "metaopt_lion_lion",
+                                                            "metaopt_sgdm_lion"}
+    tinystories = expected_runs(experiments[("fig5", "full")])
+    assert {float(r.values["optimizer.adapter.scheduler.warmup_steps"]) for r in tinystories
+            if r.grid == "adamw_cosine"} == {1000}
+
+
+def test_expand_grids_is_a_union_of_products():
+    grids = {"a": {"optimizer": "adamw", "optimizer.lr": "1e-3,1e-2"}, "b": {"optimizer": "adamw,lion"},
+             "dropped": None}
+    runs = expand_grids(grids, {"seed": "0,1"})
+    assert [(grid, sorted(o)) for grid, o in runs] == [
+        ("a", ["optimizer.lr=0.001", "optimizer=adamw", "seed=0"]),
+        ("a", ["optimizer.lr=0.001", "optimizer=adamw", "seed=1"]),
+        ("a", ["optimizer.lr=0.01", "optimizer=adamw", "seed=0"]),
+        ("a", ["optimizer.lr=0.01", "optimizer=adamw", "seed=1"]),
+        ("b", ["optimizer=adamw", "seed=0"]), ("b", ["optimizer=adamw", "seed=1"]),
+        ("b", ["optimizer=lion", "seed=0"]), ("b", ["optimizer=lion", "seed=1"]),
+    ]
+    # a run two grids share is launched once; the command line's keys replace the config's
+    assert len(expand_grids({"a": {"optimizer": "adamw"}, "b": {"optimizer": "adamw,lion"}}, {})) == 2
+    assert expand_grids(grids, {"seed": "0,1"}, ["seed=5"])[0][1][-1] == "seed=5"
+    assert len(expand_grids(grids, {"seed": "0,1"}, ["seed=5"])) == 4
+    OverridesParser.create()  # the parser the sweeper uses needs no config loader for these
+
+
+def test_resnet_mini_has_resnet18_blocks():
+    model = resnet_mini(num_classes=10, in_channels=1, image_size=28, width=8)
+    groups = param_groups_by_prefix(model, "resnet18")
+    assert [g["block"] for g in groups] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert sum(p.numel() for g in groups for _, p in g["params"]) == sum(p.numel() for p in model.parameters())
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)  # the smoke profile's 8x8 digits
+
+
+def _fixture_results(tmp_path: Path) -> Path:
+    (tmp_path / "fig2").mkdir()
+    shutil.copy(FIXTURES / "fig2_smoke_runs.csv", tmp_path / "fig2" / "runs.csv")
+    return tmp_path
+
+
+def test_make_figures_rebuilds_a_figure_from_runs_csv(tmp_path):
+    results = _fixture_results(tmp_path)
+    png = make_figures.build("fig2", results)
+    assert png.exists() and png.stat().st_size > 10_000
+    with open(results / "fig2" / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    # five alpha0, each its own curve, with its final values from the fixture's last rows
+    assert [row["arm"] for row in summary] == [f"optimizer.alpha0={a}" for a in
+                                               ("1e-08", "1e-07", "1e-06", "1e-05", "0.0001")]
+    with open(FIXTURES / "fig2_smoke_runs.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["optimizer.alpha0"] == "0.0001"]
+    last = [r for r in rows if r["train/loss"]][-1]
+    assert float(summary[-1]["train/loss mean"]) == float(last["train/loss"])
+
+
+def test_make_figures_refuses_a_csv_with_a_missing_run(tmp_path):
+    results = _fixture_results(tmp_path)
+    path = results / "fig2" / "runs.csv"
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    kept = [r for r in rows if r["optimizer.alpha0"] != "1e-06"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    with pytest.raises(make_figures.MissingRuns, match=r"missing: .*optimizer\.alpha0=1e-06.* seed=0"):
+        make_figures.build("fig2", results)
+    assert not (results / "fig2" / "fig2.png").exists()
+
+
+def test_tuned_grid_picks_the_best_setting_and_ranks_a_diverged_run_last():
+    def rows(loss, status="finished"):
+        return [{"step": "10", "train/loss": str(loss), "status": status}]
+
+    assert make_figures.score([rows(0.5), rows(0.7)], "train/loss", "min") == pytest.approx(0.6)
+    assert make_figures.score([rows(0.9)], "test/acc", "max") == float("inf")  # never logged: nan
+    assert make_figures.score([rows(0.1, "failed")], "train/loss", "min") == float("inf")
+    assert make_figures.score([rows(0.8)], "train/loss", "max") == -0.8
+
+
+@pytest.mark.slow
+def test_fig1_smoke_sweep_through_submitit_local(tmp_path):
+    """`make fig1 SCALE=smoke LAUNCHER=local`, with its runs and results under tmp_path."""
+    run_root = f"run_root={tmp_path / 'runs'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "experiment=fig1", "scale=smoke",
+         "hydra/launcher=submitit_local", run_root],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    count, missing = collect_runs.collect("fig1", "smoke", tmp_path / "results" / "fig1", [run_root])
+    assert missing == [] and count > 0
+    png = make_figures.build("fig1", tmp_path / "results")
+    assert png.exists()
+    with open(tmp_path / "results" / "fig1" / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == EXPECTED_RUNS["fig1"]["smoke"]
+    # each tuned base contributes one selected step size
+    assert sorted(row["arm"] for row in summary if row["selected"] == "yes") == ["adamw", "lion", "rmsprop", "sgdm"]
