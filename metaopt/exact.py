@@ -30,8 +30,8 @@ by hand per base or meta rule, so a custom :class:`~metaopt.rules.Rule` gets the
 The rules act weight by weight, so every block of G is diagonal (the ``[.]`` matrices of
 Appendix A): one backward pass per output of ``F`` with a vector of ones gives the diagonals, and
 the traces, every column at once, are multiplied by them. (Forward mode, ``torch.func.jvp`` with
-the traces as tangents, computes the same numbers but runs every op with a Python-number operand
-through a slow fallback in torch 2.14: about ten times slower on small tensors.) A custom rule
+the traces as tangents, computes the same numbers, but torch 2.14 runs every op with a
+Python-number operand through a slow Python fallback there.) A custom rule
 must be elementwise too. ``Hess @ v`` is a Hessian-vector product: a second backward pass through
 the gradients that the closure built with ``loss.backward(create_graph=True)``.
 
@@ -226,10 +226,11 @@ def step(optimizer, closure: Callable[[], Any] | None, hessian_diagonal: dict[Te
     if approx.hessian == "hvp":  # z[b] = H[:, b] . g over every weight; z_tangent[b, j] = H[:, b] . Hess (gamma H[:, j])
         traces = [optimizer.state[p]["trace"].reshape(columns, -1) for p, _ in entries]
         z_all = sum(trace @ p.grad.reshape(-1) for trace, (p, _) in zip(traces, entries))
-        z_tangent_all = sum(trace @ products[p].reshape(columns, -1).T for trace, (p, _) in zip(traces, entries))
         for key, block in blocks.items():
             z[key] = z_all[block.column]
-            if approx.kind == "2x2":
+        if approx.kind == "2x2":
+            z_tangent_all = sum(trace @ products[p].reshape(columns, -1).T for trace, (p, _) in zip(traces, entries))
+            for key, block in blocks.items():
                 z_tangent[key] = z_tangent_all[block.column]
     else:  # every column of H lives on its own block: sums over the block's weights
         for p, _ in entries:
