@@ -36,11 +36,11 @@ test-all: $(STAMP)  ## every test, the slow ones too
 	$(PY) -m pytest -q -m ""
 
 # -- the paper's figures (conf/experiment/<item>.yaml; results/README.md) ----------------------------
-# make fig1 [SCALE=full|mini|smoke] [LAUNCHER=local|slurm|basic]: run the item's sweep (finished runs
+# make fig1 ... fig8, table1 [SCALE=full|mini|smoke] [LAUNCHER=local|slurm|basic]: run the item's sweep (finished runs
 # are skipped, stopped ones resume), gather results/<item>/runs.csv, then draw the figure from it.
 SCALE ?= full
 LAUNCHER ?= local
-FIGURES := fig1 fig2 fig3 fig4 fig5 fig6 fig7 fig8
+FIGURES := fig1 fig2 fig3 fig4 fig5 fig6 fig7 fig8 table1
 MINI_FIGURES := fig1 fig2 fig3 fig5 fig7 fig4 fig6 fig8
 # local: submitit's local executor, a batch of runs at a time (SCALE=mini: 2); slurm: one job array
 # per sweep (conf/hydra/launcher/slurm.yaml, site settings in conf/local/); basic: in this process.
@@ -52,15 +52,15 @@ RESULTS := $(if $(filter smoke,$(SCALE)),runs/smoke/results,results)
 # what each scale reads from disk (smoke: only embedded data)
 DATA_mini := data/fashion_mnist/FashionMNIST/raw/train-images-idx3-ubyte data/text/kjv.txt
 
-.PHONY: $(FIGURES) figures mini table1
+.PHONY: $(FIGURES) figures mini
 
-$(FIGURES): $(STAMP) $(DATA_$(SCALE))  ## a paper figure: its sweep, results/<item>/runs.csv, the plot
+$(FIGURES): $(STAMP) $(DATA_$(SCALE))  ## a paper item: its sweep, results/<item>/runs.csv, the plot or table
 	$(if $(filter $(LAUNCHER),local slurm basic),,$(error LAUNCHER must be local, slurm or basic, not '$(LAUNCHER)'))
 	$(if $(filter full,$(SCALE)),,OMP_NUM_THREADS=1) $(PY) -m experiments.train experiment=$@ scale=$(SCALE) $(LAUNCHER_ARG_$(LAUNCHER))
 	$(PY) scripts/collect_runs.py $@ --scale $(SCALE) --out $(RESULTS)/$@
 	$(PY) scripts/make_figures.py $@ --results $(RESULTS)
 
-figures: $(STAMP)  ## redraw every figure from the committed results/<item>/runs.csv (no runs, no GPU)
+figures: $(STAMP)  ## redraw every figure and table from the committed results/<item>/runs.csv (no runs, no GPU)
 	$(PY) scripts/make_figures.py
 
 mini:  ## every figure at SCALE=mini on this machine's CPUs (about 30 minutes each, two runs at a time)

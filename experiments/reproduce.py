@@ -20,10 +20,8 @@ import experiments.train  # noqa: F401  (registers the path_join resolver of con
 from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-ITEMS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8")
+ITEMS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "table1")
 SCALES = ("full", "mini", "smoke")
-# Overrides that choose the sweep rather than a run: left out of a run's key.
-SWEEP_CHOICES = ("experiment", "scale")
 
 
 @dataclass(frozen=True)
@@ -80,8 +78,8 @@ def arm_names(grid: str, overrides: list[str], expanded: list[tuple[str, list[st
     return " ".join(parts + [f"{k}={values[k]}" for k in varying if k != "optimizer"])
 
 
-def run_dir_key(overrides_file: Path) -> str:
-    """A finished run folder's key (as Run.key) from the .hydra/overrides.yaml Hydra wrote there."""
-    overrides = OmegaConf.load(overrides_file)
-    kept = [str(o) for o in overrides if str(o).split("=", 1)[0] not in SWEEP_CHOICES and not str(o).startswith("seed=")]
-    return " ".join(sorted(kept))
+def run_dir_key(overrides_file: Path, swept: set[str]) -> str:
+    """A run folder's key (as Run.key) from the .hydra/overrides.yaml Hydra wrote there: its values
+    of the sweep's keys (swept, without the seed), whatever else its command line set (run_root=...)."""
+    overrides = [str(o).split("=", 1) for o in OmegaConf.load(overrides_file)]
+    return " ".join(sorted(f"{k}={v}" for k, v in overrides if k in swept and k != "seed"))

@@ -32,13 +32,13 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
     cfg = compose_experiment(item, scale, overrides)
     runs = expected_runs(cfg)
     group_dir = Path(cfg.run_root) / cfg.run_group
+    swept = sorted({k for run in runs for k in run.values if k != "seed"})
     found = {}  # (run key, seed) -> run folder
     for overrides_file in sorted(group_dir.glob("**/.hydra/overrides.yaml")):
         folder = overrides_file.parent.parent
         seed = json.loads((folder / "meta.json").read_text())["seed"] if (folder / "meta.json").exists() else None
-        found[(run_dir_key(overrides_file), str(seed))] = folder
+        found[(run_dir_key(overrides_file, set(swept)), str(seed))] = folder
 
-    swept = sorted({k for run in runs for k in run.values if k != "seed"})
     rows, missing, metric_columns = [], [], []
     for run in runs:
         seed = run.values.get("seed", "0")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", choices=SCALES, default="full")
     parser.add_argument("--out", default=None, help="folder for runs.csv (default: results/<item>)")
     parser.add_argument("overrides", nargs="*", help="the sweep's own overrides, e.g. run_root=/scratch/runs")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     out_dir = Path(args.out or f"results/{args.item}")
     count, missing = collect(args.item, args.scale, out_dir, args.overrides)
     print(f"{out_dir / 'runs.csv'}: {count} rows")

@@ -11,7 +11,9 @@ the scale recorded in the CSV) and stops, naming them, if a run is missing or un
 - results/<item>/<item>.png: the curves (mean over seeds, band of +-1 std when n > 1) of each
   figure.metrics row for each figure.panels column, or, for kind step_sizes, every step size the
   runs logged (one per block for the blockwise runs);
-- results/<item>/summary.csv: every setting's final values (mean, std, n), and which were chosen.
+- results/<item>/summary.csv: every setting's final values (mean, std, n), and which were chosen;
+- for Table 1 (kind table), results/table1/table1.md: each optimizer's median training-step time
+  and peak memory against the baseline's (AdamW), one column pair per task.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def row_key(row: dict[str, str]) -> str:
 
 def group_runs(item: str, rows: list[dict[str, str]]):
     """The sweep's runs with their rows; raises MissingRuns naming every absent or unfinished run."""
+    if not rows:
+        raise MissingRuns(f"results/{item}/runs.csv holds no runs: run `make {item}` (SCALE=...) first")
     scales = {row["scale"] for row in rows}
     if len(scales) != 1:
         raise ValueError(f"results/{item}/runs.csv mixes scales {sorted(scales)}: collect one scale per item")
@@ -210,18 +214,63 @@ def cfg_scale(cfg) -> str:
     return cfg.hydra.runtime.choices.get("scale", "full")
 
 
+def median_step_ms(rows: list[dict[str, str]]) -> float:
+    """The median time of a training step over the logged windows, leaving out the first (warm-up),
+    as the trainer's own summary does."""
+    windows = [float(row["time/step_ms"]) for row in rows if row.get("time/step_ms", "") != ""]
+    return statistics.median(windows[1:] or windows)
+
+
+def table(item: str, cfg, runs, out: Path) -> Path:
+    """Table 1 as markdown: time and peak memory of each optimizer against the baseline's, per task."""
+    fig_cfg = cfg.figure
+    grids = [panel.arms[0] for panel in fig_cfg.panels if any(run.grid == panel.arms[0] for run, _ in runs)]
+    titles = {panel.arms[0]: panel.title for panel in fig_cfg.panels}
+    measured = defaultdict(dict)  # grid -> arm -> (step ms, peak MB), means over seeds
+    for grid in grids:
+        seeds = defaultdict(list)
+        for run, rows in runs:
+            if run.grid == grid:
+                seeds[run.arm].append((median_step_ms(rows), final(rows, "memory/peak_mb")))
+        for arm, values in seeds.items():
+            measured[grid][arm] = tuple(statistics.fmean(v) for v in zip(*values))
+    arms = list(dict.fromkeys(arm for grid in grids for arm in measured[grid]))
+    header = "| optimizer | " + " | ".join(f"{titles[g]}: step ms | time | peak MB | memory" for g in grids) + " |"
+    lines = [f"# {fig_cfg.title} ({cfg_scale(cfg)} scale)", "",
+             f"Time: (T_alg - T_{fig_cfg.baseline}) / T_{fig_cfg.baseline}, T the median training-step time. "
+             "Memory: peak memory against the baseline's (the paper's space overhead compares the largest "
+             "batches that fit instead: scripts/bench_overhead.py).", "",
+             header, "|" + " --- |" * (1 + 4 * len(grids))]
+    for arm in arms:
+        cells = []
+        for grid in grids:
+            if arm not in measured[grid]:
+                cells += ["-"] * 4
+                continue
+            (ms, mb), (base_ms, base_mb) = measured[grid][arm], measured[grid][fig_cfg.baseline]
+            cells += [f"{ms:.1f}", f"{(ms - base_ms) / base_ms:+.0%}", f"{mb:.0f}", f"{(mb - base_mb) / base_mb:+.0%}"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    path = out / f"{item}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def build(item: str, results: Path) -> Path:
-    """Check, plot and summarise one item; returns the figure's path."""
+    """Check, plot (or tabulate) and summarise one item; returns the figure's or table's path."""
     out = results / item
     rows = read_runs(out / "runs.csv")
     cfg, _, runs = group_runs(item, rows)
     chosen, summary = curves(cfg, runs)
-    plot(item, cfg, chosen, runs, out)
+    if cfg.figure.kind == "table":
+        figure = table(item, cfg, runs, out)
+    else:
+        plot(item, cfg, chosen, runs, out)
+        figure = out / f"{item}.png"
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
-    return out / f"{item}.png"
+    return figure
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,8 @@ EXPECTED_RUNS = {
     "fig6": FIG4,
     "fig7": FIG5,
     "fig8": {"full": 4 * 3, "mini": 4, "smoke": 4},  # (AdamW, Lion), (Lion, Lion): scalar and blockwise
+    # AdamW and five others on ImageNet; on TinyStories without gdtuo; mini and smoke: the image task
+    "table1": {"full": 6 + 5, "mini": 6, "smoke": 6},
 }
 # Figures drawn from another's runs: their runs are a subset of that sweep's, in the same folders.
 SHARED = {"fig3": "fig1", "fig6": "fig4", "fig7": "fig5", "fig8": "fig4"}
@@ -85,18 +87,18 @@ def test_each_grid_composes_into_a_run_config(experiments, item, scale):
     first = {}
     for run in expected_runs(cfg):
         first.setdefault(run.grid, run)
-    dataset, model = cfg.hydra.sweeper.params.dataset, cfg.hydra.sweeper.params.model
+    stand_ins = {"full": {"cifar10", "imagenet", "tinystories"}, "mini": {"fashion_mnist", "text_corpus"},
+                 "smoke": {"digits", "text_corpus"}}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for run in first.values():
+            dataset, model = run.values["dataset"], run.values["model"]
+            assert dataset in stand_ins[scale]
             job = compose("train", overrides=[f"experiment={item}", f"scale={scale}", *run.overrides])
             assert job.dataset._target_.endswith("." + dataset) and job.optimizer._target_
             assert job.model._target_.split(".")[-1] == model
             assert job.trainer.max_steps == cfg.trainer.max_steps
             if "optimizer.meta_lr" in run.values:  # MetaOptimize arms run at the scale's eta
                 assert job.optimizer.meta_lr == cfg.tuning.meta_lr
-    stand_ins = {"full": {"cifar10", "imagenet", "tinystories"}, "mini": {"fashion_mnist", "text_corpus"},
-                 "smoke": {"digits", "text_corpus"}}
-    assert dataset in stand_ins[scale]
 
 
 @pytest.mark.parametrize("item, source", SHARED.items())
@@ -202,6 +204,7 @@ def test_tuned_grid_picks_the_best_setting_and_ranks_a_diverged_run_last():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 28 runs, each a fresh process: about 2 minutes on 2 idle cores, far more on busy ones
 def test_fig1_smoke_sweep_through_submitit_local(tmp_path):
     """`make fig1 SCALE=smoke LAUNCHER=local`, with its runs and results under tmp_path."""
     run_root = f"run_root={tmp_path / 'runs'}"
