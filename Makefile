@@ -42,10 +42,10 @@ SCALE ?= full
 LAUNCHER ?= local
 FIGURES := fig1 fig2 fig3 fig4 fig5 fig6 fig7 fig8 table1
 MINI_FIGURES := fig1 fig2 fig3 fig5 fig7 fig4 fig6 fig8
-# local: submitit's local executor, a batch of runs at a time (SCALE=mini: 2); slurm: one job array
+# local: submitit's local executor, a batch of runs at a time (full: 1, mini: 2, smoke: 4); slurm: one job array
 # per sweep (conf/hydra/launcher/slurm.yaml, site settings in conf/local/); basic: in this process.
-LAUNCHER_ARG_local := hydra/launcher=submitit_local
-LAUNCHER_ARG_slurm := hydra/launcher=slurm
+LAUNCHER_ARG_local := hydra/launcher=local $(if $(filter full,$(SCALE)),hydra.sweeper.max_batch_size=1)
+LAUNCHER_ARG_slurm := hydra/launcher=slurm hydra.sweeper.max_batch_size=null
 LAUNCHER_ARG_basic :=
 # smoke results are throwaway: they stay out of the committed results/
 RESULTS := $(if $(filter smoke,$(SCALE)),runs/smoke/results,results)

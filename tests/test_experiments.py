@@ -211,7 +211,7 @@ def test_fig1_smoke_sweep_through_submitit_local(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sweep = subprocess.run(
         [sys.executable, "-m", "experiments.train", "experiment=fig1", "scale=smoke",
-         "hydra/launcher=submitit_local", run_root],
+         "hydra/launcher=local", run_root],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     count, missing = collect_runs.collect("fig1", "smoke", tmp_path / "results" / "fig1", [run_root])
