@@ -109,8 +109,11 @@ class MetaOptimize(Optimizer):
             ``eps=1e-8``.
         meta_momentum (:math:`\bar\rho`), meta_normalizer (:math:`\bar\lambda`),
             meta_lion_interp (:math:`\bar c`), meta_eps: the same for the meta rule.
-        kernel: ``"foreach"`` (default; multi-tensor ``torch._foreach_*`` ops) or
-            ``"reference"`` (one tensor at a time, the equations as written above).
+        kernel: ``"foreach"`` (default; multi-tensor ``torch._foreach_*`` ops in eager mode),
+            ``"compiled"`` (the same compiled by ``torch.compile``, one graph per param group:
+            the fastest steps after a first step that compiles; needs a working Inductor) or
+            ``"reference"`` (one tensor at a time, the equations as written above). See
+            :mod:`metaopt.kernels`.
         approx: ``"hessian_free"`` (default; the step above), ``"l"`` or ``"2x2"`` (the trace
             keeps the Hessian term and the traces of the base moments: SPEC section 5, see
             :mod:`metaopt.exact`; :meth:`step` then needs a closure that calls
@@ -189,6 +192,7 @@ class MetaOptimize(Optimizer):
             defaults[key] = value
         self._check(defaults, "")
         self._block_layout: dict[int, Block] | None = None
+        self._kernels: list[tuple[Callable, Callable]] = []  # (base_update, meta_update) per param group
         super().__init__(params, defaults)
 
     # -- hyper-parameters ---------------------------------------------------------------
@@ -233,6 +237,7 @@ class MetaOptimize(Optimizer):
         self._check(param_group, f" of param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         self._block_layout = None
+        self._kernels.append(KERNELS[self.kernel]())
 
     # -- pickling and checkpoints ---------------------------------------------------------
 
@@ -255,6 +260,7 @@ class MetaOptimize(Optimizer):
         self.__dict__.setdefault("blocks", "scalar")
         self.__dict__.setdefault("approx", exact.Approximation())
         self._block_layout = None
+        self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
         for group in self.param_groups:
             group.setdefault("lr", 1.0)
 
@@ -365,12 +371,12 @@ class MetaOptimize(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        base_update, meta_update = KERNELS[self.kernel]
         layout = self._layout()
-        exp_betas: dict[int, Tensor] = {}
-        # owner id -> [owner state, meta group index, accumulated meta-gradient]
-        meta_grads: dict[int, list] = {}
-        for group in self.param_groups:
+        # The step size of each block in each param group that uses it, and each block's
+        # meta-gradient terms (by id of the state that owns its beta), summed after the loop.
+        step_sizes_of: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
+        terms_of: dict[int, tuple[dict[str, Any], int, list[Tensor]]] = {}
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -384,13 +390,14 @@ class MetaOptimize(Optimizer):
                 if "beta" not in owner_state:
                     alpha0 = self.param_groups[block.meta_group]["alpha0"]
                     self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
-                if id(owner_state) not in exp_betas:
-                    exp_betas[id(owner_state)] = torch.exp(owner_state["beta"])
+                key = (id(owner_state), index, block.view_shape)
+                if key not in step_sizes_of:
+                    step_sizes_of[key] = (group["lr"] * torch.exp(owner_state["beta"])).view(block.view_shape)
                 states.append(state)
-                step_sizes.append(group["lr"] * exp_betas[id(owner_state)].view(block.view_shape))
+                step_sizes.append(step_sizes_of[key])
                 view_shapes.append(block.view_shape)
                 owners.append((owner_state, block.meta_group))
-            contributions = base_update(
+            contributions = self._kernels[index][0](
                 params,
                 [p.grad for p in params],
                 [s["trace"] for s in states],
@@ -404,18 +411,21 @@ class MetaOptimize(Optimizer):
                 gamma=group["gamma"],
             )
             for (owner_state, meta_group), z in zip(owners, contributions):
-                z = z.reshape(owner_state["beta"].shape).to(owner_state["beta"].dtype)
-                entry = meta_grads.setdefault(id(owner_state), [owner_state, meta_group, None])
-                entry[2] = z if entry[2] is None else entry[2] + z
+                beta = owner_state["beta"]
+                if z.dim() != beta.dim():  # nodewise: (rows, 1, ..., 1) terms of a (rows,) beta
+                    z = z.view(beta.shape)
+                terms_of.setdefault(id(owner_state), (owner_state, meta_group, []))[2].append(z.to(beta.dtype))
 
-        # Meta update, once per block, after every base update used the old step sizes.
+        # Meta update, once per block, after every base update used the old step sizes; a
+        # block's terms are summed by one reduction.
         by_group: dict[int, list] = {}
-        for owner_state, meta_group, z in meta_grads.values():
+        for owner_state, meta_group, terms in terms_of.values():
+            z = terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
             by_group.setdefault(meta_group, []).append((owner_state, z))
         for meta_group, entries in by_group.items():
             group = self.param_groups[meta_group]
             owner_states = [owner_state for owner_state, _ in entries]
-            meta_update(
+            self._kernels[meta_group][1](
                 [s["beta"] for s in owner_states],
                 [z for _, z in entries],
                 {name: [s[f"meta_{name}"] for s in owner_states] for name in self.meta_rule.moment_names},

@@ -25,8 +25,9 @@ Every rule comes twice:
   equations above read. This is the reference kernel and the form that forward-mode
   differentiation can use.
 * ``foreach_direction(xs, moments, hp, steps) -> ds``: a list of tensors, moments updated in
-  place with ``torch._foreach_*`` ops. This is the fast kernel. The returned directions may
-  alias the inputs or the moments (``sgd``, ``sgdm``), so callers must not modify them.
+  place with ``torch._foreach_*`` ops. This is the fast kernel. It returns either the input
+  list itself (``sgd``), a moment list (``sgdm``), which callers must not modify, or new
+  tensors, which callers may overwrite (the kernels write the weight change into them).
 
 Adding a rule is one pure ``direction`` function: ``Rule(defaults, moment_names, direction)``
 maps it over the list when no ``foreach_direction`` is given, and
@@ -66,11 +67,30 @@ class Rule(NamedTuple):
 
 
 def _bias_corrections(decay: float, steps: list[Tensor]) -> list[Tensor]:
-    """``1 - decay^t`` for every step counter ``t`` (tensors, so nothing is read back to the host)."""
+    """``1 - decay^t`` for every step counter ``t`` (tensors, so nothing is read back to the host).
+
+    The counters are stacked into one small tensor when they share a dtype and device: a few
+    ops instead of a few per tensor, and under ``torch.compile`` one buffer whose powers are
+    computed once, rather than in every iteration of the loops that use them.
+    """
+    if len({(step.dtype, step.device) for step in steps}) == 1:
+        return list((1 - decay ** torch.stack(steps)).unbind())
     corrections = torch._foreach_pow(decay, steps)
     torch._foreach_neg_(corrections)
     torch._foreach_add_(corrections, 1.0)
     return corrections
+
+
+def _normalized(xs: list[Tensor], v: list[Tensor], decay: float, eps: float, steps: list[Tensor]) -> list[Tensor]:
+    """``x / (sqrt(v / (1 - decay^t)) + eps)`` in new tensors, one temporary per ``x``."""
+    ds = torch._foreach_div(v, _bias_corrections(decay, steps))
+    torch._foreach_sqrt_(ds)
+    torch._foreach_add_(ds, eps)
+    if torch.compiler.is_compiling():  # Inductor fuses this chain, and out= would only get in its way
+        return torch._foreach_div(xs, ds)
+    for x, d in zip(xs, ds):
+        torch.div(x, d, out=d)
+    return ds
 
 
 # sgd ------------------------------------------------------------------------------------
@@ -113,10 +133,7 @@ def rmsprop_foreach_direction(xs, moments, hp, steps):
     v = moments["exp_avg_sq"]
     torch._foreach_mul_(v, lam)
     torch._foreach_addcmul_(v, xs, xs, value=1 - lam)
-    denominators = torch._foreach_div(v, _bias_corrections(lam, steps))
-    torch._foreach_sqrt_(denominators)
-    torch._foreach_add_(denominators, hp["eps"])
-    return torch._foreach_div(xs, denominators)
+    return _normalized(xs, v, lam, hp["eps"], steps)
 
 
 # adam ------------------------------------------------------------------------------------
@@ -136,11 +153,8 @@ def adam_foreach_direction(xs, moments, hp, steps):
     torch._foreach_lerp_(m, xs, 1 - rho)
     torch._foreach_mul_(v, lam)
     torch._foreach_addcmul_(v, xs, xs, value=1 - lam)
-    denominators = torch._foreach_div(v, _bias_corrections(lam, steps))
-    torch._foreach_sqrt_(denominators)
-    torch._foreach_add_(denominators, hp["eps"])
-    ds = torch._foreach_div(m, _bias_corrections(rho, steps))
-    torch._foreach_div_(ds, denominators)
+    ds = _normalized(m, v, lam, hp["eps"], steps)
+    torch._foreach_div_(ds, _bias_corrections(rho, steps))
     return ds
 
 

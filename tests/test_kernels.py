@@ -1,0 +1,152 @@
+"""Every fast kernel against the reference kernel, on a model whose tensors take every path of
+the fast kernels: contiguous and channels-last filters, matrices, vectors, a 0-dim scalar, a
+parameter without gradient, and param groups with and without weight decay."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from metaopt import BASES, BLOCKS, METAS, MetaOptimize
+from metaopt.kernels import KERNELS
+
+PAIRS = list(itertools.product(BASES, METAS))
+FAST_KERNELS = [kernel for kernel in KERNELS if kernel != "reference"]
+BASE_HP = {
+    "sgd": {},
+    "sgdm": {"momentum": 0.9},
+    "rmsprop": {"normalizer": 0.99},
+    "adamw": {"momentum": 0.9, "normalizer": 0.99},
+    "lion": {"momentum": 0.99, "lion_interp": 0.9},
+}
+META_HP = {"sgd": {}, "rmsprop": {"normalizer": 0.99}, "adam": {"momentum": 0.9, "normalizer": 0.99}, "lion": {}}
+ALPHA0 = {"sgd": 0.05, "sgdm": 0.05, "rmsprop": 3e-3, "adamw": 3e-3, "lion": 1e-3}
+META_LR = {"sgd": 2.0, "rmsprop": 0.02, "adam": 0.02, "lion": 0.02}
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)  # 4-D, contiguous: dot products, one batched row per filter
+        self.mixer = nn.Conv2d(4, 3, 2).to(memory_format=torch.channels_last)  # non-contiguous weight and gradient
+        self.hidden = nn.Linear(12, 5)
+        self.gain = nn.Parameter(torch.tensor(1.5))  # 0-dim
+        self.out = nn.Linear(5, 3)
+        self.unused = nn.Parameter(torch.zeros(2))  # never gets a gradient
+
+    def forward(self, x):
+        x = torch.tanh(self.mixer(torch.tanh(self.conv(x))))
+        return self.out(self.gain * torch.tanh(self.hidden(x.flatten(1))))
+
+
+def make_model():
+    torch.manual_seed(0)
+    return Mixed().double()
+
+
+def make_optimizer(model, base, meta, blocks, kernel, **options):
+    named = list(model.named_parameters())
+    groups = [
+        {"params": named[:4], "weight_decay": 0.1},  # conv, mixer
+        {"params": named[4:], "weight_decay": 0.0},  # hidden, gain, out, unused
+    ]
+    return MetaOptimize(
+        groups,
+        base,
+        meta,
+        blocks,
+        kernel=kernel,
+        alpha0=ALPHA0[base],
+        meta_lr=META_LR[meta],
+        gamma=0.9,
+        **BASE_HP[base],
+        **{f"meta_{key}": value for key, value in META_HP[meta].items()},
+        **options,
+    )
+
+
+def train(model, optimizer, steps, lr_at=lambda t: 1.0):
+    for t in range(steps):
+        generator = torch.Generator().manual_seed(t)
+        x = torch.randn(4, 2, 5, 5, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(t)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def weights_and_step_sizes(model, optimizer):
+    trained = [p for name, p in model.named_parameters() if name != "unused"]
+    weights = torch.cat([p.detach().reshape(-1) for p in trained])
+    step_sizes = torch.cat([optimizer.step_size(p).expand_as(p).reshape(-1) for p in trained])
+    return weights, step_sizes
+
+
+def assert_kernel_equals_reference(base, meta, blocks, kernel, steps, lr_at=lambda t: 1.0, after_first_step=None):
+    results = []
+    for name in ("reference", kernel):
+        model = make_model()
+        optimizer = make_optimizer(model, base, meta, blocks, name)
+        train(model, optimizer, 1, lr_at)
+        if name == kernel and after_first_step is not None:
+            with after_first_step():
+                train(model, optimizer, steps - 1, lambda t: lr_at(t + 1))
+        else:
+            train(model, optimizer, steps - 1, lambda t: lr_at(t + 1))
+        results.append(weights_and_step_sizes(model, optimizer))
+        assert "trace" not in optimizer.state[model.unused]
+    (weights, step_sizes), (expected_weights, expected_step_sizes) = results[1], results[0]
+    assert (weights - expected_weights).norm() / expected_weights.norm() < 1e-12
+    assert ((step_sizes - expected_step_sizes) / expected_step_sizes).abs().max() < 1e-12
+    # The comparison has teeth only if the step sizes moved away from alpha0.
+    assert (expected_step_sizes / (ALPHA0[base] * lr_at(steps - 1))).log().abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("base,meta", PAIRS)
+def test_foreach_kernel_equals_reference_on_every_tensor_layout(base, meta, blocks):
+    assert_kernel_equals_reference(base, meta, blocks, "foreach", steps=8)
+
+
+def warm_up(t):
+    return min(1.0, (t + 1) / 4)
+
+
+@pytest.mark.parametrize("base,meta,blocks", [("adamw", "lion", "scalar"), ("sgdm", "adam", "nodewise")])
+def test_compiled_kernel_equals_reference_and_an_lr_schedule_does_not_recompile(base, meta, blocks):
+    """The step sizes (lr included) enter the compiled graphs as tensors, so a warm-up compiles nothing new."""
+    assert_kernel_equals_reference(
+        base, meta, blocks, "compiled", steps=6, lr_at=warm_up, after_first_step=lambda: torch.compiler.set_stance("fail_on_recompile")
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("base,meta", PAIRS)
+def test_compiled_kernel_equals_reference(base, meta, blocks):
+    assert_kernel_equals_reference(base, meta, blocks, "compiled", steps=8)
+
+
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+@pytest.mark.parametrize("base", ["adamw", "rmsprop"])
+def test_a_param_group_of_mixed_dtypes(base, kernel):
+    """float32 and float64 tensors in one group keep separate step counters and bias corrections."""
+    results = []
+    for name in ("reference", kernel):
+        torch.manual_seed(0)
+        wide, narrow = nn.Parameter(torch.randn(6, 4, dtype=torch.float64)), nn.Parameter(torch.randn(4, dtype=torch.float32))
+        optimizer = MetaOptimize([wide, narrow], base, "adam", "layerwise", kernel=name, alpha0=1e-2, meta_lr=0.05)
+        for t in range(6):
+            generator = torch.Generator().manual_seed(t)
+            target = torch.randn(6, generator=generator, dtype=torch.float64)
+            optimizer.zero_grad()
+            ((wide @ narrow.double() - target) ** 2).sum().backward()
+            optimizer.step()
+        results.append((wide.detach().clone(), narrow.detach().clone(), optimizer.step_size(narrow)))
+    for value, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=0)

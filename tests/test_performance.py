@@ -1,0 +1,150 @@
+"""The step never waits for the device, and keeps exactly one parameter-sized buffer (the
+trace) beyond the base optimizer's own state."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from metaopt import BASES, BLOCKS, METAS, MetaOptimize, RULES
+from metaopt.optimizer import BASES as RULE_OF_BASE
+
+PAIRS = list(itertools.product(BASES, METAS))
+
+
+def make_model(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 5), nn.Tanh(), nn.Linear(5, 3)).to(device, dtype)
+
+
+def backward(model, t, device="cpu", dtype=torch.float32):
+    generator = torch.Generator().manual_seed(t)
+    x = torch.randn(8, 1, 6, 6, generator=generator, dtype=dtype).to(device)
+    y = torch.randint(0, 3, (8,), generator=generator).to(device)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+class NoReadBack(TorchDispatchMode):
+    """Fails on every op that copies a tensor's value to the host (``.item()``, ``bool(t)``, ``.tolist()``, ``torch.equal``)."""
+
+    READ_BACK = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READ_BACK:
+            raise AssertionError(f"{func} reads a tensor back to the host")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_read_back_detector_fires():
+    with pytest.raises(AssertionError, match="reads a tensor back"), NoReadBack():
+        torch.ones(2).sum().item()
+
+
+@pytest.mark.parametrize("kernel", ["foreach", "reference"])
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("base,meta", PAIRS)
+def test_step_reads_nothing_back(base, meta, blocks, kernel):
+    model = make_model()
+    optimizer = MetaOptimize(model.parameters(), base, meta, blocks, kernel=kernel, lr=torch.tensor(0.5))
+    for t in range(3):
+        optimizer.zero_grad()
+        backward(model, t)
+        with NoReadBack():
+            optimizer.step()
+
+
+@pytest.mark.parametrize("kernel", ["foreach", "compiled"])
+@pytest.mark.parametrize("base,meta,blocks", [("adamw", "lion", "scalar"), ("lion", "lion", "nodewise")])
+def test_the_whole_step_compiles_to_one_graph(base, meta, blocks, kernel):
+    """``torch.compile(step, fullgraph=True)`` fails on any read-back (a graph break), and the
+    compiled step computes what the eager one does."""
+    results = []
+    for compiled in (False, True):
+        model = make_model()
+        optimizer = MetaOptimize(model.parameters(), base, meta, blocks, kernel=kernel, alpha0=1e-2, meta_lr=0.05)
+        step = torch.compile(optimizer.step, fullgraph=True) if compiled else optimizer.step
+        for t in range(4):
+            optimizer.zero_grad()
+            backward(model, t)
+            step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["foreach", "compiled", "reference"])
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_step_never_synchronizes_with_the_gpu(blocks, kernel):
+    model = make_model("cuda")
+    optimizer = MetaOptimize(model.parameters(), "adamw", "lion", blocks, kernel=kernel, lr=torch.tensor(0.5, device="cuda"))
+    for t in range(3):
+        optimizer.zero_grad()
+        backward(model, t, "cuda")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def live_storages() -> dict[int, tuple[torch.Tensor, int]]:
+    """Every storage that a live tensor holds: its address -> (a tensor holding it, its bytes).
+    Holding the result keeps those addresses from being reused by new tensors."""
+    gc.collect()
+    # Plain tensors only: torch.compile keeps fake tensors, which hold no memory.
+    tensors = [obj for obj in gc.get_objects() if type(obj) in (torch.Tensor, nn.Parameter)]
+    return {t.untyped_storage().data_ptr(): (t, t.untyped_storage().nbytes()) for t in tensors if t.untyped_storage().nbytes()}
+
+
+# The moments depend on the base, the block tensors on the granularity, and the state on the
+# driver, not the kernel: every base, every granularity, and each kernel once.
+STATE_CASES = sorted(
+    {(base, "scalar", "foreach") for base in BASES}
+    | {("adamw", blocks, "foreach") for blocks in BLOCKS}
+    | {("adamw", "nodewise", "reference"), ("adamw", "scalar", "compiled")}
+)
+
+
+@pytest.mark.parametrize("base,blocks,kernel", STATE_CASES)
+def test_state_is_the_trace_and_the_base_moments(base, blocks, kernel):
+    """Per parameter: the trace, the base rule's moments and a step counter; per block: beta,
+    a counter and the meta moments. Nothing else stays alive between steps."""
+    model = make_model(dtype=torch.float64)
+    optimizer = MetaOptimize(model.parameters(), base, "adam", blocks, kernel=kernel)
+    backward(model, 0, dtype=torch.float64)
+    grads = [p.grad for p in model.parameters()]  # gradients get a Python object when first read: read them now
+    before = live_storages()
+    assert all(g.untyped_storage().data_ptr() in before for g in grads)
+    optimizer.step()
+    after_one_step = live_storages()
+    new_bytes = sum(nbytes for address, (_, nbytes) in after_one_step.items() if address not in before)
+
+    moments = RULES[RULE_OF_BASE[base]].moment_names
+    block_shapes = {
+        "scalar": [()],
+        "param_group": [()],
+        "layerwise": [()] * 6,
+        "nodewise": [(3,), (5,), (3,)],  # a bias shares the rows of its weight
+        "weightwise": [tuple(p.shape) for p in model.parameters()],
+    }[blocks]
+    block_numel = sum(torch.Size(shape).numel() for shape in block_shapes)
+    n_params = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        state = optimizer.state[p]
+        per_param = {key for key in state if not (key == "beta" or key.startswith("meta_"))}
+        assert per_param == {"step", "trace", *moments}
+        assert all(state[key].shape == p.shape for key in ("trace", *moments))
+    n_tensors = len(list(model.parameters()))
+    per_param_bytes = 8 * ((1 + len(moments)) * n_params + n_tensors)  # trace, base moments; step counters
+    per_block_bytes = 8 * (3 * block_numel + len(block_shapes))  # beta, meta exp_avg and exp_avg_sq; meta step
+    assert new_bytes == per_param_bytes + per_block_bytes
+    for t in range(1, 4):
+        optimizer.zero_grad(set_to_none=False)
+        backward(model, t, dtype=torch.float64)
+        optimizer.step()
+    assert live_storages().keys() == after_one_step.keys()
