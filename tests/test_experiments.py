@@ -27,11 +27,12 @@ import make_figures  # noqa: E402
 
 # The runs each sweep holds, from the paper's protocol (Appendix C) and the scale profiles:
 #   full: 3 seeds; fixed steps over 5 values, cosine peaks over 3, DoG over 4 initial movements
-#   mini: 1 seed; fixed steps and cosine peaks over 3 values, DoG over 2
+#   mini: 1 seed; fixed steps over 4 values on the image tasks and 3 on text, cosine peaks over 3,
+#         DoG over 2
 #   smoke: 1 seed, the full grids
-FIG1 = {"full": (8 + 4 * 5) * 3, "mini": 8 + 4 * 3, "smoke": 8 + 4 * 5}  # 8 MetaOptimize arms, 4 tuned bases
+FIG1 = {"full": (8 + 4 * 5) * 3, "mini": 8 + 4 * 4, "smoke": 8 + 4 * 5}  # 8 MetaOptimize arms, 4 tuned bases
 FIG4 = {"full": (3 + 2 * 5 + 3 + 4 + 1 + 3 + 3) * 3,  # MetaOptimize, AdamW/Lion, cosine, DoG, Prodigy, gdtuo, mechanic
-        "mini": 3 + 2 * 3 + 3 + 2 + 1 + 3 + 3, "smoke": 3 + 2 * 5 + 3 + 4 + 1 + 3 + 3}
+        "mini": 3 + 2 * 4 + 3 + 2 + 1 + 3 + 3, "smoke": 3 + 2 * 5 + 3 + 4 + 1 + 3 + 3}
 FIG5 = {"full": (2 + 2 * 5 + 3 + 4 + 1 + 3) * 3,  # as Fig. 4 without gdtuo (tied embeddings)
         "mini": 2 + 2 * 3 + 3 + 2 + 1 + 3, "smoke": 2 + 2 * 5 + 3 + 4 + 1 + 3}
 EXPECTED_RUNS = {
