@@ -69,16 +69,18 @@ class Rule(NamedTuple):
 def _bias_corrections(decay: float, steps: list[Tensor]) -> list[Tensor]:
     """``1 - decay^t`` for every step counter ``t`` (tensors, so nothing is read back to the host).
 
-    The counters are stacked into one small tensor when they share a dtype and device: a few
-    ops instead of a few per tensor, and under ``torch.compile`` one buffer whose powers are
-    computed once, rather than in every iteration of the loops that use them.
+    Counters of one dtype and device are stacked into one small tensor: in eager mode a few
+    ops instead of a few per tensor; under ``torch.compile`` the stacked powers are one small
+    buffer, computed once rather than in every iteration of the loops that use them.
     """
-    if len({(step.dtype, step.device) for step in steps}) == 1:
-        return list((1 - decay ** torch.stack(steps)).unbind())
-    corrections = torch._foreach_pow(decay, steps)
-    torch._foreach_neg_(corrections)
-    torch._foreach_add_(corrections, 1.0)
-    return corrections
+    if len({(step.dtype, step.device) for step in steps}) > 1:
+        corrections = torch._foreach_pow(decay, steps)
+        torch._foreach_neg_(corrections)
+        torch._foreach_add_(corrections, 1.0)
+        return corrections
+    if torch.compiler.is_compiling():  # stack the powers, not the counters, or Inductor recomputes them per element
+        return list((1 - torch.stack(torch._foreach_pow(decay, steps))).unbind())
+    return list((1 - decay ** torch.stack(steps)).unbind())
 
 
 def _normalized(xs: list[Tensor], v: list[Tensor], decay: float, eps: float, steps: list[Tensor]) -> list[Tensor]:

@@ -85,6 +85,9 @@ def test_step_never_synchronizes_with_the_gpu(blocks, kernel):
     for t in range(3):
         optimizer.zero_grad()
         backward(model, t, "cuda")
+        if kernel == "compiled" and t == 0:
+            optimizer.step()  # compiling may synchronize (autotuning); the steps after it may not
+            continue
         torch.cuda.set_sync_debug_mode("error")
         try:
             optimizer.step()
