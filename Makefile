@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test test-all bench-digits continual
+.PHONY: help install run test test-all bench-digits continual bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -28,6 +28,11 @@ bench-digits: $(STAMP)  ## every optimizer config on the embedded digits data (C
 
 continual: $(STAMP)  ## MetaOptimize vs tuned fixed steps vs IDBD on two non-stationary streams (CPU, ~1.5 h on 2 cores): results/continual/
 	OMP_NUM_THREADS=1 $(PY) -m experiments.continual
+
+BENCH_DEVICE ?= cpu
+bench: $(STAMP)  ## optimizer-step time against fused AdamW, Table 1 overheads against every baseline (BENCH_DEVICE=cpu|cuda; CPU ~2 h): results/performance/
+	$(PY) scripts/bench_step.py --device $(BENCH_DEVICE)
+	$(PY) scripts/bench_overhead.py --device $(BENCH_DEVICE)
 
 test: $(STAMP)  ## the fast tests (no GPU, no network, no W&B account)
 	$(PY) -m pytest -q

@@ -75,10 +75,9 @@ def _inner_products(h: Tensor, g: Tensor, shape: tuple[int, ...]) -> Tensor:
 def _owns_directions(directions, grads, moments, rule) -> bool:
     """Whether the directions are new tensors that the kernel may overwrite: a rule's
     ``foreach_direction`` returns the gradients, a moment list, or new tensors."""
-    return (
-        rule.foreach_direction is not None
-        and directions is not grads
-        and all(directions is not moment for moment in moments.values())
+    # Compared element by element: torch.compile traces `is` on tensors, not on lists of them.
+    return rule.foreach_direction is not None and not any(
+        directions[0] is others[0] for others in (grads, *moments.values())
     )
 
 
@@ -107,20 +106,22 @@ def _foreach_update(params, grads, traces, moments, steps, step_sizes, *, rule, 
     if weight_decay != 0:
         torch._foreach_addcmul_(updates, params, neg_step_sizes, value=weight_decay)
     torch._foreach_add_(params, updates)
-    # h <- gamma * (1 - kappa * alpha) * h + dw
+    # h <- gamma * (1 - kappa * alpha) * h + dw, the decay a number without weight decay
+    decays = gamma
     if weight_decay != 0:
-        decays = _per_step_size(lambda alphas: torch._foreach_add(torch._foreach_mul(alphas, -gamma * weight_decay), gamma), step_sizes)
-    else:
-        decays = [gamma] * len(traces)
+        def trace_decays(alphas):
+            return torch._foreach_add(torch._foreach_mul(alphas, -gamma * weight_decay), gamma)
+
+        decays = _per_step_size(trace_decays, step_sizes)
     if torch.compiler.is_compiling():  # Inductor fuses these; out= would only get in its way
         torch._foreach_mul_(traces, decays)
         torch._foreach_add_(traces, updates)
         return
-    for h, dw, decay in zip(traces, updates, decays):
-        if isinstance(decay, Tensor):
-            torch.addcmul(dw, h, decay, out=h)
+    for i, (h, dw) in enumerate(zip(traces, updates)):
+        if weight_decay != 0:
+            torch.addcmul(dw, h, decays[i], out=h)
         else:
-            torch.add(dw, h, alpha=decay, out=h)
+            torch.add(dw, h, alpha=gamma, out=h)
 
 
 def _base_update_with(update: Callable) -> Callable:
@@ -145,8 +146,9 @@ def _compiled(function: Callable) -> Callable:
     """``torch.compile(function)`` with a code object of its own: Dynamo keeps compiled graphs
     per code object and falls back to eager past ``recompile_limit`` of them, so each param
     group of each optimizer gets its own copy and its own graphs."""
+    code = function.__code__.replace()
     copy = types.FunctionType(
-        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__
+        code, function.__globals__, function.__name__, function.__defaults__, function.__closure__
     )
     return torch.compile(copy, fullgraph=True, dynamic=False)
 

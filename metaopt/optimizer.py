@@ -20,6 +20,8 @@ from metaopt import exact
 from metaopt.kernels import KERNELS
 from metaopt.rules import RULES, Rule
 
+_OLD_DYNAMO = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
 # Base and meta names of the paper, and the rule each one uses.
 BASES = {"sgd": "sgd", "sgdm": "sgdm", "rmsprop": "rmsprop", "adamw": "adam", "lion": "lion"}
 METAS = {"sgd": "sgd", "rmsprop": "rmsprop", "adam": "adam", "lion": "lion"}
@@ -34,6 +36,7 @@ class Block(NamedTuple):
     view_shape: tuple[int, ...]  # the owner's beta viewed to broadcast against the parameter
     meta_group: int  # index of the param group whose meta hyper-parameters the block uses
     group: int  # index of the parameter's own param group
+    number: int = 0  # the block's number, shared by the parameters whose step sizes it holds
 
 
 def _is_meta_key(key: str) -> bool:
@@ -191,7 +194,7 @@ class MetaOptimize(Optimizer):
                 raise ValueError(self._not_applicable(key))
             defaults[key] = value
         self._check(defaults, "")
-        self._block_layout: dict[int, Block] | None = None
+        self._block_layout: dict[int, Block] = {}
         self._kernels: list[tuple[Callable, Callable]] = []  # (base_update, meta_update) per param group
         super().__init__(params, defaults)
 
@@ -236,7 +239,7 @@ class MetaOptimize(Optimizer):
                 raise ValueError(self._not_applicable(key) + f" (set in param group {len(self.param_groups)})")
         self._check(param_group, f" of param group {len(self.param_groups)}")
         super().add_param_group(param_group)
-        self._block_layout = None
+        self._block_layout = self._build_layout()
         self._kernels.append(KERNELS[self.kernel]())
 
     # -- pickling and checkpoints ---------------------------------------------------------
@@ -259,7 +262,7 @@ class MetaOptimize(Optimizer):
         self.__dict__.setdefault("kernel", "foreach")
         self.__dict__.setdefault("blocks", "scalar")
         self.__dict__.setdefault("approx", exact.Approximation())
-        self._block_layout = None
+        self._block_layout = self._build_layout()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
         for group in self.param_groups:
             group.setdefault("lr", 1.0)
@@ -304,9 +307,12 @@ class MetaOptimize(Optimizer):
     # -- blocks ---------------------------------------------------------------------------
 
     def _layout(self) -> dict[int, Block]:
-        """The :class:`Block` of every parameter, by ``id``; computed once per set of param groups."""
-        if self._block_layout is not None:
-            return self._block_layout
+        """The :class:`Block` of every parameter, by ``id``."""
+        return self._block_layout
+
+    def _build_layout(self) -> dict[int, Block]:
+        """Computed whenever the param groups change, not lazily in ``step``: attributes set
+        inside ``step`` would break ``torch.compile(optimizer.step)`` on some torch versions."""
         layout: dict[int, Block] = {}
         first_group_of_block: dict[str, int] = {}
         node_weights = _node_weights(self.param_groups) if self.blocks == "nodewise" else {}
@@ -327,7 +333,12 @@ class MetaOptimize(Optimizer):
                     layout[id(p)] = Block(weight, tuple(p.shape), weight_group, index)
                 else:
                     layout[id(p)] = Block(p, _node_shape(p), index, index)
-        self._block_layout = layout
+        # Numbered here, in eager Python: step() groups by number, which torch.compile traces
+        # exactly (ids of dicts, or of one tensor reached two ways, it does not on every version).
+        numbers: dict[int, int] = {}
+        for key, block in layout.items():
+            owner = ("group", block.owner) if isinstance(block.owner, int) else id(block.owner)
+            layout[key] = block._replace(number=numbers.setdefault(owner, len(numbers)))
         return layout
 
     def _owner_state(self, owner) -> dict[str, Any]:
@@ -367,13 +378,19 @@ class MetaOptimize(Optimizer):
             return exact.step(self, closure, hessian_diagonal)
         if hessian_diagonal is not None:
             raise ValueError("hessian_diagonal is used by approx='l' or '2x2' with hessian='diagonal'; this optimizer is Hessian-free")
+        if self.blocks == "nodewise" and torch.compiler.is_compiling() and _OLD_DYNAMO:
+            raise RuntimeError(
+                "torch.compile of MetaOptimize.step with blocks='nodewise' computes wrong meta-gradients on "
+                f"torch {torch.__version__} (seen on 2.11; right on 2.13 and later): upgrade torch, or leave the step "
+                "uncompiled and pass kernel='compiled', which compiles the update alone and is right there"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         layout = self._layout()
         # The step size of each block in each param group that uses it, and each block's
-        # meta-gradient terms (by id of the state that owns its beta), summed after the loop.
+        # meta-gradient terms (by block number), summed after the loop.
         step_sizes_of: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
         terms_of: dict[int, tuple[dict[str, Any], int, list[Tensor]]] = {}
         for index, group in enumerate(self.param_groups):
@@ -390,13 +407,13 @@ class MetaOptimize(Optimizer):
                 if "beta" not in owner_state:
                     alpha0 = self.param_groups[block.meta_group]["alpha0"]
                     self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
-                key = (id(owner_state), index, block.view_shape)
+                key = (block.number, index, block.view_shape)
                 if key not in step_sizes_of:
                     step_sizes_of[key] = (group["lr"] * torch.exp(owner_state["beta"])).view(block.view_shape)
                 states.append(state)
                 step_sizes.append(step_sizes_of[key])
                 view_shapes.append(block.view_shape)
-                owners.append((owner_state, block.meta_group))
+                owners.append((block.number, owner_state, block.meta_group))
             contributions = self._kernels[index][0](
                 params,
                 [p.grad for p in params],
@@ -410,11 +427,11 @@ class MetaOptimize(Optimizer):
                 weight_decay=group["weight_decay"],
                 gamma=group["gamma"],
             )
-            for (owner_state, meta_group), z in zip(owners, contributions):
+            for (number, owner_state, meta_group), z in zip(owners, contributions):
                 beta = owner_state["beta"]
                 if z.dim() != beta.dim():  # nodewise: (rows, 1, ..., 1) terms of a (rows,) beta
                     z = z.view(beta.shape)
-                terms_of.setdefault(id(owner_state), (owner_state, meta_group, []))[2].append(z.to(beta.dtype))
+                terms_of.setdefault(number, (owner_state, meta_group, []))[2].append(z.to(beta.dtype))
 
         # Meta update, once per block, after every base update used the old step sizes; a
         # block's terms are summed by one reduction.

@@ -1,0 +1,233 @@
+"""Time of one optimizer step: MetaOptimize against torch's AdamW and the plain base optimizers.
+
+For each model (ResNet-18 for CIFAR-10, 11.2M parameters; the 15M llama2.c transformer) and
+each MetaOptimize configuration (base x meta pair, scalar or blockwise step sizes, kernel),
+the script times ``optimizer.step()`` alone, on gradients already in place. Each configuration
+is timed side by side with fused AdamW and its plain base optimizer, in one process, taking
+turns step by step after a warm-up (the warm-up includes a compiled kernel's compilation);
+the median of the rounds is reported, and each ratio is the median over rounds of the two
+times of one round (neighbours in time share the machine's load).
+
+On CPU the step runs on one thread and is timed by the process's CPU time, which other
+programs sharing the cores hardly disturb; on CUDA by wall time after synchronizing.
+
+    python scripts/bench_step.py                          # CPU: every pair, foreach and compiled kernels
+    python scripts/bench_step.py --device cuda
+    python scripts/bench_step.py --pairs adamw/lion lion/lion --kernels foreach --models resnet18_cifar
+
+Writes ``results/performance/bench_step_<device>.csv`` and ``.md`` (a table with the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import itertools
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import timm.optim
+import torch
+from torch import nn
+
+from metaopt import BASES, METAS, MetaOptimize, param_groups_by_prefix
+from metaopt.models import llama2c_15m, resnet18_cifar
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "performance"
+MODELS = {"resnet18_cifar": (resnet18_cifar, "resnet18"), "llama2c_15m": (llama2c_15m, "llama2c")}
+
+# The plain base optimizers, torch's (timm's for Lion), with fused kernels where torch has them.
+PLAIN_BASES = {
+    "sgd": ("SGD fused", functools.partial(torch.optim.SGD, lr=1e-3, fused=True)),
+    "sgdm": ("SGD momentum fused", functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9, fused=True)),
+    "rmsprop": ("RMSprop foreach", functools.partial(torch.optim.RMSprop, lr=1e-3, foreach=True)),
+    "adamw": ("AdamW fused", functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, fused=True)),
+    "lion": ("Lion foreach (timm)", functools.partial(timm.optim.Lion, lr=1e-4, weight_decay=0.1, foreach=True)),
+}
+ADAMW_FUSED = PLAIN_BASES["adamw"][1]
+ADAMW_FOREACH = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, foreach=True)
+
+
+def machine(device: torch.device) -> str:
+    """The device in words, for the tables."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or "CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+
+
+class Candidate:
+    """One optimizer on its own copy of the model, with fixed random gradients in place."""
+
+    def __init__(self, name: str, make_model, make_optimizer, device: torch.device):
+        torch.manual_seed(0)
+        self.name = name
+        self.model = make_model().to(device)
+        generator = torch.Generator(device).manual_seed(1)
+        for p in self.model.parameters():
+            p.grad = 1e-2 * torch.randn(p.shape, generator=generator, device=device)
+        self.optimizer = make_optimizer(self.model)
+        self.times: list[float] = []
+        self.first_step_s = 0.0
+
+
+def timed_step(candidate: Candidate, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        candidate.optimizer.step()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+    start = time.process_time()
+    candidate.optimizer.step()
+    return time.process_time() - start
+
+
+def race(candidates: list[Candidate], device: torch.device, warmup: int, rounds: int) -> None:
+    """Warm up, then step the candidates in turn, ``rounds`` times."""
+    for candidate in candidates:
+        start = time.perf_counter()
+        candidate.optimizer.step()  # compiles a compiled kernel
+        candidate.first_step_s = time.perf_counter() - start
+        for _ in range(warmup - 1):
+            candidate.optimizer.step()
+    for _ in range(rounds):
+        for candidate in candidates:
+            candidate.times.append(timed_step(candidate, device))
+
+
+def median_ms(candidate: Candidate) -> float:
+    return 1e3 * statistics.median(candidate.times)
+
+
+def median_ratio(candidate: Candidate, reference: Candidate) -> float:
+    """The median over rounds of the candidate's time over the reference's in the same round:
+    neighbours in time share the machine's load, which a ratio of medians would not cancel."""
+    return statistics.median(t / r for t, r in zip(candidate.times, reference.times))
+
+
+def metaoptimize(model: nn.Module, base: str, meta: str, blocks: str, preset: str, kernel: str) -> MetaOptimize:
+    if blocks == "scalar":
+        return MetaOptimize(model.parameters(), base, meta, "scalar", kernel=kernel)
+    return MetaOptimize(param_groups_by_prefix(model, preset), base, meta, "param_group", kernel=kernel)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--pairs", nargs="+", default=[f"{b}/{m}" for b, m in itertools.product(BASES, METAS)],
+                        help="base/meta pairs, e.g. adamw/lion")
+    parser.add_argument("--blocks", nargs="+", default=["scalar", "blockwise"], choices=["scalar", "blockwise"])
+    parser.add_argument("--kernels", nargs="+", default=["foreach", "compiled"], choices=["foreach", "compiled", "reference"])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: CPU time measures the step)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9 on CPU, 30 on CUDA)")
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/performance/bench_step_<device>)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds or (30 if device.type == "cuda" else 9)
+    out = args.out or RESULTS / f"bench_step_{device.type}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pairs = [tuple(pair.split("/")) for pair in args.pairs]
+    for base, meta in pairs:
+        if base not in BASES or meta not in METAS:
+            parser.error(f"unknown pair {base}/{meta}: bases are {list(BASES)}, metas {list(METAS)}")
+
+    rows = []
+    for model_name in args.models:
+        make_model, preset = MODELS[model_name]
+        n_params = sum(p.numel() for p in make_model().parameters())
+        print(f"{model_name}: {n_params / 1e6:.1f}M parameters", flush=True)
+        # The baselines alone: torch's AdamW kernels and the plain base optimizers.
+        baselines = [Candidate("AdamW fused", make_model, lambda m: ADAMW_FUSED(m.parameters()), device),
+                     Candidate("AdamW foreach", make_model, lambda m: ADAMW_FOREACH(m.parameters()), device)]
+        baselines += [Candidate(name, make_model, lambda m, f=factory: f(m.parameters()), device)
+                      for base, (name, factory) in PLAIN_BASES.items() if base != "adamw"]
+        race(baselines, device, args.warmup, rounds)
+        for candidate in baselines:
+            ratio = median_ratio(candidate, baselines[0])
+            rows.append({"model": model_name, "params": n_params, "optimizer": candidate.name, "base": "", "meta": "",
+                         "blocks": "", "kernel": "", "step_ms": round(median_ms(candidate), 3),
+                         "adamw_fused_ms": round(median_ms(baselines[0]), 3), "vs_adamw_fused": round(ratio, 3),
+                         "plain_base_ms": "", "vs_plain_base": "", "first_step_s": round(candidate.first_step_s, 2)})
+            print(f"  {candidate.name:36s} {median_ms(candidate):9.2f} ms  {ratio:5.2f}x fused AdamW", flush=True)
+        del baselines
+
+        for (base, meta), blocks, kernel in itertools.product(pairs, args.blocks, args.kernels):
+            label = f"MetaOptimize ({base}, {meta}) {blocks} {kernel}"
+            plain_name, plain = PLAIN_BASES[base]
+            candidates = [
+                Candidate("AdamW fused", make_model, lambda m: ADAMW_FUSED(m.parameters()), device),
+                Candidate(plain_name, make_model, lambda m: plain(m.parameters()), device),
+                Candidate(label, make_model, lambda m: metaoptimize(m, base, meta, blocks, preset, kernel), device),
+            ]
+            race(candidates, device, args.warmup, rounds)
+            fused, plain_ms, step = (median_ms(c) for c in candidates)
+            vs_fused, vs_plain = median_ratio(candidates[2], candidates[0]), median_ratio(candidates[2], candidates[1])
+            rows.append({"model": model_name, "params": n_params, "optimizer": "MetaOptimize", "base": base, "meta": meta,
+                         "blocks": blocks, "kernel": kernel,
+                         "step_ms": round(step, 3), "adamw_fused_ms": round(fused, 3), "vs_adamw_fused": round(vs_fused, 3),
+                         "plain_base_ms": round(plain_ms, 3), "vs_plain_base": round(vs_plain, 3),
+                         "first_step_s": round(candidates[2].first_step_s, 2)})
+            print(f"  {label:54s} {step:9.2f} ms  {vs_fused:5.2f}x fused AdamW  {vs_plain:5.2f}x {plain_name}"
+                  f"  (first step {candidates[2].first_step_s:.1f} s)", flush=True)
+            del candidates
+        # after each model: a stopped run keeps what it measured
+        with open(out.with_suffix(".csv"), "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        out.with_suffix(".md").write_text(markdown(rows, machine(device), device, rounds, args))
+        print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", flush=True)
+
+
+def markdown(rows: list[dict], machine_line: str, device: torch.device, rounds: int, args) -> str:
+    clock = "CPU time of the process" if device.type == "cpu" else "wall time, synchronized"
+    lines = [
+        f"# Optimizer step time ({device.type})",
+        "",
+        f"Machine: {machine_line}. Time: {clock}, median of {rounds} rounds after {args.warmup} warm-up steps, "
+        "each configuration taking turns with fused AdamW in one process; a ratio is the median over rounds of the "
+        "ratio within a round. Written by `scripts/bench_step.py`.",
+        "",
+        "## Baselines",
+        "",
+        "| model | optimizer | step (ms) | x fused AdamW |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [f"| {r['model']} | {r['optimizer']} | {r['step_ms']:.2f} | {r['vs_adamw_fused']:.2f} |"
+              for r in rows if r["optimizer"] != "MetaOptimize"]
+    metaopt_rows = [r for r in rows if r["optimizer"] == "MetaOptimize"]
+    columns = sorted({(r["model"], r["kernel"]) for r in metaopt_rows}, key=lambda c: (args.models.index(c[0]), c[1]))
+    lines += [
+        "",
+        "## MetaOptimize: step time as a multiple of fused AdamW's (in brackets: of the plain base optimizer's)",
+        "",
+        "Blockwise: one step size per named block (`param_groups_by_prefix`: ResNet-18's stem, layer1-4 and head; "
+        "the transformer's embedding, 6 layers and head).",
+        "",
+        "| base | meta | blocks | " + " | ".join(f"{model} {kernel}" for model, kernel in columns) + " |",
+        "|---|---|---|" + "---:|" * len(columns),
+    ]
+    cells = {(r["base"], r["meta"], r["blocks"], r["model"], r["kernel"]): r for r in metaopt_rows}
+    for base, meta, blocks in dict.fromkeys((r["base"], r["meta"], r["blocks"]) for r in metaopt_rows):
+        entries = [cells.get((base, meta, blocks, model, kernel)) for model, kernel in columns]
+        lines.append(f"| {base} | {meta} | {blocks} | " + " | ".join(
+            f"{e['vs_adamw_fused']:.2f} ({e['vs_plain_base']:.2f})" if e else "" for e in entries) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
