@@ -28,7 +28,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log, never stop th
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-stage "CUDA tests" 90 $python -m pytest -q -p no:cacheprovider -o addopts="" --timeout=80 \
+stage "CUDA tests" 90 $python -m pytest -q -p no:cacheprovider -o addopts="" --timeout=80 --tb=short --show-capture=no \
     tests/test_kernels.py tests/test_performance.py -k "cuda"
 
 stage "step time, foreach" 100 $python scripts/bench_step.py --device cuda --kernels foreach --blocks scalar \
