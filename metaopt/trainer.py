@@ -107,10 +107,7 @@ def train(cfg: DictConfig, run_dir: str) -> TrainResult:
     # and augmentation then draw from their own stream.
     _seed_everything(cfg.seed)
     model = _build(cfg.model, **data.model_kwargs).to(device)
-    # conf/optimizer/*.yaml: the optimizer's own keywords, plus `adapter`, the loop contract
-    # that drives it (metaopt/baselines.py), which receives the optimizer factory.
-    optimizer_cfg = OmegaConf.masked_copy(cfg.optimizer, [key for key in cfg.optimizer if key != "adapter"])
-    adapter = _build(cfg.optimizer.adapter, model=model, optimizer=_build(optimizer_cfg), total_steps=total_steps)
+    adapter = build_adapter(cfg.optimizer, model, total_steps)
     adapter.check(precision=tcfg.precision, distributed=distributed, compiled=tcfg.compile)
     _seed_everything(cfg.seed + rank)
     num_params = sum(p.numel() for p in model.parameters())
@@ -313,6 +310,15 @@ def train(cfg: DictConfig, run_dir: str) -> TrainResult:
 
 
 # -- helpers (in the order the loop uses them) -------------------------------------------------------
+
+
+def build_adapter(optimizer_cfg: DictConfig, model: nn.Module, total_steps: int):
+    """The optimizer of a conf/optimizer/*.yaml node inside its adapter (metaopt/baselines.py):
+    the node holds the optimizer's own keywords, plus `adapter`, the loop contract that drives
+    it, which receives the optimizer factory."""
+    optimizer_keys = [key for key in optimizer_cfg if key != "adapter"]
+    optimizer = _build(OmegaConf.masked_copy(optimizer_cfg, optimizer_keys))
+    return _build(optimizer_cfg.adapter, model=model, optimizer=optimizer, total_steps=total_steps)
 
 
 def _build(node: DictConfig, **kwargs: Any) -> Any:

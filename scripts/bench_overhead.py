@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+
+from metaopt.trainer import build_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -92,9 +93,7 @@ def build(workload: str, label: str, batch: int, device: torch.device):
         cfg = compose("train", overrides=[f"model={model_name}", *overrides_for(label, workload)])
     torch.manual_seed(0)
     model = instantiate(cfg.model, **model_kwargs).to(device)
-    optimizer_cfg = OmegaConf.masked_copy(cfg.optimizer, [key for key in cfg.optimizer if key != "adapter"])
-    optimizer = instantiate(optimizer_cfg, _convert_="all")
-    adapter = instantiate(cfg.optimizer.adapter, model=model, optimizer=optimizer, total_steps=TOTAL_STEPS, _convert_="all")
+    adapter = build_adapter(cfg.optimizer, model, TOTAL_STEPS)
     generator = torch.Generator().manual_seed(0)
     if inputs == "tokens":
         tokens = torch.randint(0, 32000, (batch, 257), generator=generator)

@@ -49,6 +49,14 @@ def sigterm_when_logged(run_dir: Path, step: int) -> threading.Thread:
     return watcher
 
 
+def train_until_preempted(cfg, run_dir: Path, step: int = 20):
+    """``train`` into ``run_dir``, stopped by a SIGTERM once it has logged ``step``."""
+    watcher = sigterm_when_logged(run_dir, step=step)
+    stopped = train(cfg, str(run_dir))
+    watcher.join()
+    return stopped
+
+
 def assert_same_state(a, b):
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), name
@@ -89,9 +97,7 @@ def test_resume_after_sigterm_is_bit_identical(case, tmp_path):
     reference = train(cfg, str(tmp_path / "reference"))
 
     run_dir = tmp_path / "preempted"
-    watcher = sigterm_when_logged(run_dir, step=20)
-    stopped = train(cfg, str(run_dir))
-    watcher.join()
+    stopped = train_until_preempted(cfg, run_dir)
     assert stopped.summary["status"] == "stopped"
     assert 20 <= stopped.summary["step"] < 300, "the run was not stopped mid-way"
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "stopped"
@@ -112,9 +118,7 @@ def test_resume_restores_the_random_number_generators(tmp_path):
         "model.n_heads=2", "model.dropout=0.2", "optimizer=metaopt_lion_lion", "trainer.max_steps=120",
     ))
     reference = train(cfg, str(tmp_path / "reference"))
-    watcher = sigterm_when_logged(tmp_path / "preempted", step=20)
-    stopped = train(cfg, str(tmp_path / "preempted"))
-    watcher.join()
+    stopped = train_until_preempted(cfg, tmp_path / "preempted")
     assert 20 <= stopped.summary["step"] < 120, "the run was not stopped mid-way"
     resumed = train(cfg, str(tmp_path / "preempted"))
     assert computed_columns(read_metrics(tmp_path / "preempted")) == computed_columns(read_metrics(tmp_path / "reference"))
@@ -291,9 +295,7 @@ def test_gdtuo_resumes_with_its_learned_hyper_parameters(tmp_path):
     so the resumed run stays close to the uninterrupted one without matching it bit for bit."""
     cfg = compose_train(*long_run("optimizer=gdtuo_adam_adam"))
     reference = train(cfg, str(tmp_path / "reference"))
-    watcher = sigterm_when_logged(tmp_path / "resumed", step=20)
-    stopped = train(cfg, str(tmp_path / "resumed"))
-    watcher.join()
+    stopped = train_until_preempted(cfg, tmp_path / "resumed")
     assert 20 <= stopped.summary["step"] < 300, "the run was not stopped mid-way"
     resumed = train(cfg, str(tmp_path / "resumed"))
     assert resumed.summary["status"] == "finished"
