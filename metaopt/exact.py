@@ -1,4 +1,4 @@
-r"""MetaOptimize with the Hessian kept: the L and 2x2 approximations (SPEC section 5, eq. 13-17).
+r"""MetaOptimize with the Hessian kept: the L and 2x2 approximations (docs/algorithm.md, the paper's eq. 13-17).
 
 The Hessian-free step of :mod:`metaopt.kernels` drops every term of the trace update that
 involves the Hessian of the loss. This module keeps them. The base optimizer's state is
@@ -142,10 +142,10 @@ def _base_step(inputs, *, rule, hp, step, lr, weight_decay, approx):
     return {"w": inputs["w"] - alpha * (d + weight_decay * inputs["w"]), **moments}
 
 
-def _meta_step(inputs, *, rule, hp, step, meta_lr):
-    """``M``: one meta step of one block's ``beta``, ``beta - eta d(z)``, and the new moments."""
+def _meta_step(inputs, *, rule, hp, step, meta_lr, meta_weight_decay):
+    """``M``: one meta step of one block's ``beta``, ``(1 - eta kappa_bar) beta - eta d(z)``, and the new moments."""
     u, moments = rule.direction(inputs["z"], {name: inputs[name] for name in rule.moment_names}, hp, step)
-    return {"beta": inputs["beta"] - meta_lr * u, **moments}
+    return {"beta": (1 - meta_lr * meta_weight_decay) * inputs["beta"] - meta_lr * u, **moments}
 
 
 class _SqrtWithZeroSlopeAtZero(TorchFunctionMode):
@@ -457,6 +457,7 @@ def _meta_updates(optimizer, blocks: dict[int, _Block], columns: int, z, z_tange
             hp={name: group[f"meta_{name}"] for name in rule.hyperparameters},
             step=_flat([state["meta_step"].expand_as(beta) for state, beta in zip(states, betas)]),
             meta_lr=group["meta_lr"],
+            meta_weight_decay=group["meta_weight_decay"],
         )
         inputs = {
             "beta": _flat(betas),

@@ -48,14 +48,14 @@ def _reference_base_update(
     return meta_grads
 
 
-def _reference_meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_lr) -> None:
-    """``beta <- beta - meta_lr * d(z)`` block by block."""
+def _reference_meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_lr, meta_weight_decay) -> None:
+    """``beta <- (1 - meta_lr * meta_weight_decay) * beta - meta_lr * d(z)`` block by block."""
     for i, (beta, z) in enumerate(zip(betas, meta_grads)):
         steps[i] += 1
         u, new_moments = rule.direction(z, {name: moments[name][i] for name in moments}, hp, steps[i])
         for name, value in new_moments.items():
             moments[name][i].copy_(value)
-        beta.sub_(meta_lr * u)
+        beta.mul_(1 - meta_lr * meta_weight_decay).sub_(meta_lr * u)
 
 
 def _inner_products(h: Tensor, g: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -136,9 +136,11 @@ def _base_update_with(update: Callable) -> Callable:
     return base_update
 
 
-def _foreach_meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_lr) -> None:
+def _foreach_meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_lr, meta_weight_decay) -> None:
     torch._foreach_add_(steps, 1)
     directions = rule.directions(meta_grads, moments, hp, steps)
+    if meta_weight_decay != 0:
+        torch._foreach_mul_(betas, 1 - meta_lr * meta_weight_decay)
     torch._foreach_add_(betas, directions, alpha=-meta_lr)
 
 

@@ -1,9 +1,9 @@
 """MetaOptimize: online learning of step sizes (Sharifnassab et al., ICML 2025).
 
 The optimizer is a :class:`torch.optim.Optimizer`; its step is the Hessian-free 2x2
-algorithm (Algorithm 3 of the paper, SPEC section 3) for any pair of a base rule and a
-meta rule from :mod:`metaopt.rules`, with step sizes shared by blocks of weights
-(SPEC section 4).
+algorithm (Algorithm 3 of the paper) for any pair of a base rule and a meta rule from
+:mod:`metaopt.rules`, with step sizes shared by blocks of weights. docs/algorithm.md gives
+the equations of both variants (``standard`` and the authors' ``released`` code).
 """
 
 from __future__ import annotations
@@ -22,11 +22,19 @@ from metaopt.rules import RULES, Rule
 
 _OLD_DYNAMO = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
-# Base and meta names of the paper, and the rule each one uses.
+# Base and meta names of the paper, and the rule each one uses in each variant: "standard"
+# (moment averages, bias-corrected, as torch.optim) and "released" (the authors' research code,
+# which made the paper's figures: discounted sums, SGDm with the momentum from before the step).
 BASES = {"sgd": "sgd", "sgdm": "sgdm", "rmsprop": "rmsprop", "adamw": "adam", "lion": "lion"}
 METAS = {"sgd": "sgd", "rmsprop": "rmsprop", "adam": "adam", "lion": "lion"}
+VARIANTS = {
+    "standard": (BASES, METAS),
+    "released": (
+        {"sgd": "sgd", "sgdm": "sgdm_delayed", "rmsprop": "rmsprop_sum", "adamw": "adam_sum", "lion": "lion"},
+        {"sgd": "sgd", "rmsprop": "rmsprop_sum", "adam": "adam_sum", "lion": "lion"},
+    ),
+}
 BLOCKS = ("scalar", "param_group", "layerwise", "nodewise", "weightwise")
-
 
 
 class Block(NamedTuple):
@@ -76,12 +84,12 @@ class MetaOptimize(Optimizer):
             && \text{base update, } d \text{ from the base rule, } \alpha \text{ before the meta update} \\
         h &\leftarrow \gamma (1 - \kappa \alpha) \, h + \Delta w
             && \text{trace} \\
-        \beta_b &\leftarrow \beta_b - \eta \, \bar d(z_b)
+        \beta_b &\leftarrow (1 - \eta \bar\kappa) \, \beta_b - \eta \, \bar d(z_b)
             && \text{meta update, } \bar d \text{ from the meta rule}
         \end{aligned}
 
     where :math:`d` and :math:`\bar d` are the directions of :mod:`metaopt.rules`
-    (``adamw`` uses the ``adam`` direction). When the current gradient points against the
+    (``adamw`` uses the ``adam`` direction; ``variant="released"`` the released code's rules). When the current gradient points against the
     past weight changes (:math:`z < 0`) the step size grows; when it agrees with them
     (overshooting) it shrinks.
 
@@ -94,6 +102,12 @@ class MetaOptimize(Optimizer):
         base: ``"sgd"``, ``"sgdm"``, ``"rmsprop"``, ``"adamw"``, ``"lion"``, or a
             :class:`metaopt.rules.Rule`.
         meta: ``"sgd"``, ``"rmsprop"``, ``"adam"``, ``"lion"``.
+        variant: ``"standard"`` (default: moment averages with bias correction, as torch.optim,
+            so that with ``meta_lr=0`` each base is its torch optimizer) or ``"released"`` (the
+            update of the authors' research code, which made the paper's figures: ``adamw`` and
+            ``adam`` keep discounted sums of gradients, so the same ``alpha`` moves the weights up
+            to ``1 / (1 - momentum)`` times further; ``sgdm`` steps with the momentum from before
+            the step; ``eps`` defaults to 1e-10 inside the square root). See docs/algorithm.md.
         blocks: which weights share a step size: ``"scalar"`` (all), ``"param_group"``
             (each group, or each ``block`` name), ``"layerwise"`` (each tensor),
             ``"nodewise"`` (each output unit: a row of a weight together with the matching
@@ -112,13 +126,15 @@ class MetaOptimize(Optimizer):
             ``eps=1e-8``.
         meta_momentum (:math:`\bar\rho`), meta_normalizer (:math:`\bar\lambda`),
             meta_lion_interp (:math:`\bar c`), meta_eps: the same for the meta rule.
+        meta_weight_decay (:math:`\bar\kappa`): weight decay of ``beta`` towards 0, i.e. of the
+            step sizes towards 1 (default 0, as in every experiment of the paper).
         kernel: ``"foreach"`` (default; multi-tensor ``torch._foreach_*`` ops in eager mode),
             ``"compiled"`` (the same compiled by ``torch.compile``, one graph per param group:
             the fastest steps after a first step that compiles; needs a working Inductor) or
             ``"reference"`` (one tensor at a time, the equations as written above). See
             :mod:`metaopt.kernels`.
         approx: ``"hessian_free"`` (default; the step above), ``"l"`` or ``"2x2"`` (the trace
-            keeps the Hessian term and the traces of the base moments: SPEC section 5, see
+            keeps the Hessian term and the traces of the base moments: docs/algorithm.md, see
             :mod:`metaopt.exact`; :meth:`step` then needs a closure that calls
             ``loss.backward(create_graph=True)``), or a :class:`metaopt.exact.Approximation`.
 
@@ -143,6 +159,7 @@ class MetaOptimize(Optimizer):
         meta: str = "adam",
         blocks: str = "scalar",
         *,
+        variant: str = "standard",
         lr: float | Tensor = 1.0,
         alpha0: float = 1e-6,
         meta_lr: float = 1e-3,
@@ -156,23 +173,27 @@ class MetaOptimize(Optimizer):
         meta_normalizer: float | None = None,
         meta_lion_interp: float | None = None,
         meta_eps: float | None = None,
+        meta_weight_decay: float = 0.0,
         kernel: str = "foreach",
         approx: str | exact.Approximation = "hessian_free",
     ):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}: variant must be one of {list(VARIANTS)}")
+        base_rules, meta_rules = VARIANTS[variant]
         if isinstance(base, Rule):
             self.base_rule = base
-        elif base in BASES:
-            self.base_rule = RULES[BASES[base]]
+        elif base in base_rules:
+            self.base_rule = RULES[base_rules[base]]
         else:
             raise ValueError(f"unknown base {base!r}: base must be one of {sorted(BASES)} or a metaopt.rules.Rule")
-        if meta not in METAS:
+        if meta not in meta_rules:
             raise ValueError(f"unknown meta {meta!r}: meta must be one of {sorted(METAS)}")
         if blocks not in BLOCKS:
             raise ValueError(f"unknown blocks {blocks!r}: blocks must be one of {list(BLOCKS)}")
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: kernel must be one of {list(KERNELS)}")
-        self.base, self.meta, self.blocks, self.kernel = base, meta, blocks, kernel
-        self.meta_rule = RULES[METAS[meta]]
+        self.base, self.meta, self.blocks, self.kernel, self.variant = base, meta, blocks, kernel, variant
+        self.meta_rule = RULES[meta_rules[meta]]
         self.approx = exact.resolve(approx, blocks)
 
         given = {
@@ -186,7 +207,14 @@ class MetaOptimize(Optimizer):
             "meta_lion_interp": meta_lion_interp,
             "meta_eps": meta_eps,
         }
-        defaults = {"lr": lr, "alpha0": alpha0, "meta_lr": meta_lr, "gamma": gamma, **self._rule_defaults()}
+        defaults = {
+            "lr": lr,
+            "alpha0": alpha0,
+            "meta_lr": meta_lr,
+            "gamma": gamma,
+            "meta_weight_decay": meta_weight_decay,
+            **self._rule_defaults(),
+        }
         for key, value in given.items():
             if value is None:
                 continue
@@ -251,6 +279,7 @@ class MetaOptimize(Optimizer):
             "meta": self.meta,
             "blocks": self.blocks,
             "kernel": self.kernel,
+            "variant": self.variant,
             "approx": self.approx,
             "base_rule": self.base_rule,
             "meta_rule": self.meta_rule,
@@ -261,6 +290,7 @@ class MetaOptimize(Optimizer):
         # Checkpoints pickled by older versions lack these; fill in what they implied.
         self.__dict__.setdefault("kernel", "foreach")
         self.__dict__.setdefault("blocks", "scalar")
+        self.__dict__.setdefault("variant", "standard")
         self.__dict__.setdefault("approx", exact.Approximation())
         self._block_layout = self._build_layout()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
@@ -297,6 +327,8 @@ class MetaOptimize(Optimizer):
 
     def _configuration(self) -> dict[str, str]:
         configuration = {"base": self._base_name(), "meta": self.meta, "blocks": self.blocks}
+        if self.variant != "standard":
+            configuration["variant"] = self.variant
         if self.approx.kind != "hessian_free":
             configuration["approx"] = self.approx.kind
         return configuration
@@ -450,6 +482,7 @@ class MetaOptimize(Optimizer):
                 rule=self.meta_rule,
                 hp={key: group[f"meta_{key}"] for key in self.meta_rule.hyperparameters},
                 meta_lr=group["meta_lr"],
+                meta_weight_decay=group["meta_weight_decay"],
             )
         return loss
 
@@ -498,7 +531,10 @@ class MetaOptimize(Optimizer):
         return dict(zip(names, torch.stack([v.to(values[0].device) for v in values]).tolist()))
 
     def __repr__(self) -> str:
-        head = f"MetaOptimize(base={self._base_name()!r}, meta={self.meta!r}, blocks={self.blocks!r}, kernel={self.kernel!r})"
+        head = (
+            f"MetaOptimize(base={self._base_name()!r}, meta={self.meta!r}, blocks={self.blocks!r}, "
+            f"variant={self.variant!r}, kernel={self.kernel!r})"
+        )
         return head + super().__repr__()[len(type(self).__name__) :]
 
 

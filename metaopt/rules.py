@@ -2,7 +2,7 @@
 
 MetaOptimize runs two first-order optimizers: the *base* one moves the weights ``w``
 along a direction computed from the gradient ``g``; the *meta* one moves the log step
-sizes ``beta`` along a direction computed from the meta-gradient ``z`` (SPEC section 3).
+sizes ``beta`` along a direction computed from the meta-gradient ``z`` (docs/algorithm.md).
 Both are the same kind of rule, ``x -> d(x)``, with a few moments kept between steps,
 so each rule is written once here and used by both (optax's ``scale_by_*`` idea):
 
@@ -14,6 +14,15 @@ rule              direction ``d`` of an input ``x`` at step ``t`` (moments start
 ``rmsprop``       ``v <- lambda*v + (1-lambda)*x^2``;  ``d = x / (sqrt(v / (1-lambda^t)) + eps)``
 ``adam``          ``m`` and ``v`` as above;  ``d = (m / (1-rho^t)) / (sqrt(v / (1-lambda^t)) + eps)``
 ``lion``          ``d = sign(c*m + (1-c)*x)`` with the old ``m``;  then ``m <- rho*m + (1-rho)*x``
+================  =========================================================================
+
+The authors' released code (``MetaOptimize(variant="released")``) uses three rules of its own,
+with ``mu_t = (1-lambda) / (1-lambda^t)`` and ``eps`` (default 1e-10) inside the square root:
+
+================  =========================================================================
+``sgdm_delayed``  ``d = m`` with the old ``m``;  then ``m <- rho*m + (1-rho)*x``
+``rmsprop_sum``   ``v <- lambda*v + x^2``;  ``d = x / sqrt(mu_t*v + eps)``
+``adam_sum``      ``m <- rho*m + x`` (a discounted sum);  ``v`` as above;  ``d = m / sqrt(mu_t*v + eps)``
 ================  =========================================================================
 
 ``rho`` is ``momentum``, ``lambda`` is ``normalizer``, ``c`` is ``lion_interp``. Weight
@@ -83,11 +92,19 @@ def _bias_corrections(decay: float, steps: list[Tensor]) -> list[Tensor]:
     return list((1 - decay ** torch.stack(steps)).unbind())
 
 
-def _normalized(xs: list[Tensor], v: list[Tensor], decay: float, eps: float, steps: list[Tensor]) -> list[Tensor]:
-    """``x / (sqrt(v / (1 - decay^t)) + eps)`` in new tensors, one temporary per ``x``."""
+def _normalized(
+    xs: list[Tensor], v: list[Tensor], decay: float, eps: float, steps: list[Tensor], *, summed: bool = False
+) -> list[Tensor]:
+    """``x / (sqrt(v / (1 - decay^t)) + eps)`` in new tensors, one temporary per ``x``; with
+    ``summed`` (``v`` a discounted sum), ``x / sqrt(v * (1 - decay) / (1 - decay^t) + eps)``."""
     ds = torch._foreach_div(v, _bias_corrections(decay, steps))
-    torch._foreach_sqrt_(ds)
-    torch._foreach_add_(ds, eps)
+    if summed:
+        torch._foreach_mul_(ds, 1 - decay)
+        torch._foreach_add_(ds, eps)
+        torch._foreach_sqrt_(ds)
+    else:
+        torch._foreach_sqrt_(ds)
+        torch._foreach_add_(ds, eps)
     if torch.compiler.is_compiling():  # Inductor fuses this chain, and out= would only get in its way
         return torch._foreach_div(xs, ds)
     for x, d in zip(xs, ds):
@@ -178,7 +195,57 @@ def lion_foreach_direction(xs, moments, hp, steps):
     return ds
 
 
-# The defaults are the paper's (Tables 2-4); they are the same for base and meta use.
+# The released code's rules -------------------------------------------------------------
+
+
+def sgdm_delayed_direction(x, moments, hp, step):
+    rho = hp["momentum"]
+    m = moments["exp_avg"]
+    return m.clone(), {"exp_avg": rho * m + (1 - rho) * x}  # a copy: the caller overwrites the moment
+
+
+def sgdm_delayed_foreach_direction(xs, moments, hp, steps):
+    m = moments["exp_avg"]
+    ds = torch._foreach_mul(m, 1.0)  # the old momentum, in new tensors
+    torch._foreach_lerp_(m, xs, 1 - hp["momentum"])
+    return ds
+
+
+def rmsprop_sum_direction(x, moments, hp, step):
+    lam, eps = hp["normalizer"], hp["eps"]
+    v = lam * moments["exp_avg_sq"] + x * x
+    d = x / (v * ((1 - lam) / (1 - lam**step)) + eps).sqrt()
+    return d, {"exp_avg_sq": v}
+
+
+def rmsprop_sum_foreach_direction(xs, moments, hp, steps):
+    lam = hp["normalizer"]
+    v = moments["exp_avg_sq"]
+    torch._foreach_mul_(v, lam)
+    torch._foreach_addcmul_(v, xs, xs)
+    return _normalized(xs, v, lam, hp["eps"], steps, summed=True)
+
+
+def adam_sum_direction(x, moments, hp, step):
+    rho, lam, eps = hp["momentum"], hp["normalizer"], hp["eps"]
+    m = rho * moments["exp_avg"] + x
+    v = lam * moments["exp_avg_sq"] + x * x
+    d = m / (v * ((1 - lam) / (1 - lam**step)) + eps).sqrt()
+    return d, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def adam_sum_foreach_direction(xs, moments, hp, steps):
+    rho, lam = hp["momentum"], hp["normalizer"]
+    m, v = moments["exp_avg"], moments["exp_avg_sq"]
+    torch._foreach_mul_(m, rho)
+    torch._foreach_add_(m, xs)
+    torch._foreach_mul_(v, lam)
+    torch._foreach_addcmul_(v, xs, xs)
+    return _normalized(m, v, lam, hp["eps"], steps, summed=True)
+
+
+# The defaults are the paper's (Tables 2-4); they are the same for base and meta use. The
+# released code's epsilon is 1e-10, inside the square root.
 RULES: dict[str, Rule] = {
     "sgd": Rule({}, (), sgd_direction, sgd_foreach_direction),
     "sgdm": Rule({"momentum": 0.9}, ("exp_avg",), sgdm_direction, sgdm_foreach_direction),
@@ -190,5 +257,15 @@ RULES: dict[str, Rule] = {
         adam_foreach_direction,
     ),
     "lion": Rule({"momentum": 0.99, "lion_interp": 0.9}, ("exp_avg",), lion_direction, lion_foreach_direction),
+    "sgdm_delayed": Rule({"momentum": 0.9}, ("exp_avg",), sgdm_delayed_direction, sgdm_delayed_foreach_direction),
+    "rmsprop_sum": Rule(
+        {"normalizer": 0.999, "eps": 1e-10}, ("exp_avg_sq",), rmsprop_sum_direction, rmsprop_sum_foreach_direction
+    ),
+    "adam_sum": Rule(
+        {"momentum": 0.9, "normalizer": 0.999, "eps": 1e-10},
+        ("exp_avg", "exp_avg_sq"),
+        adam_sum_direction,
+        adam_sum_foreach_direction,
+    ),
 }
 

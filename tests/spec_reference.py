@@ -1,6 +1,6 @@
-"""An independent, slow implementation of SPEC section 3 (Hessian-free MetaOptimize).
+"""An independent, slow implementation of the standard Hessian-free step (docs/algorithm.md).
 
-Written from the spec alone and sharing no code with ``metaopt``: all weights live in one
+Written from the equations alone and sharing no code with ``metaopt``: all weights live in one
 flat float64 vector, every weight knows the index of its block, and each rule is spelled
 out with plain tensor arithmetic. The tests drive it with the same gradients as the
 optimizer and compare.
@@ -55,16 +55,18 @@ def block_ids(names, shapes, groups, blocks):
 
 
 class SpecMetaOptimize:
-    """SPEC section 3 on a flat weight vector.
+    """The standard step on a flat weight vector.
 
     weight_decay: one value per weight (param groups may differ). Meta hyper-parameters
-    are shared by all blocks. ``lr`` multiplies the step size as the param group ``lr`` does.
+    are shared by all blocks. ``lr`` multiplies the step size as the param group ``lr`` does;
+    ``meta_weight_decay`` (kappa-bar) decays beta by ``1 - eta kappa_bar`` every meta step.
     """
 
-    def __init__(self, w, block, n_blocks, base, meta, *, alpha0, meta_lr, gamma, weight_decay, base_hp, meta_hp):
+    def __init__(self, w, block, n_blocks, base, meta, *, alpha0, meta_lr, gamma, weight_decay, base_hp, meta_hp,
+                 meta_weight_decay=0.0):
         self.w = w.clone()
         self.block, self.base, self.meta = block, base, meta
-        self.eta, self.gamma, self.kappa = meta_lr, gamma, weight_decay
+        self.eta, self.gamma, self.kappa, self.kappa_bar = meta_lr, gamma, weight_decay, meta_weight_decay
         self.rho = base_hp.get("momentum")
         self.lam = base_hp.get("normalizer")
         self.c = base_hp.get("lion_interp")
@@ -107,7 +109,8 @@ class SpecMetaOptimize:
         self.w = self.w + dw
         # 3. trace
         self.h = self.gamma * (1 - self.kappa * alpha) * self.h + dw
-        # 4. meta update
+        # 4. meta update, after the meta weight decay
+        self.beta = (1 - self.eta * self.kappa_bar) * self.beta
         if self.meta == "sgd":
             self.beta = self.beta - self.eta * z
         elif self.meta == "rmsprop":

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from metaopt import BASES, BLOCKS, METAS, MetaOptimize
+from metaopt.optimizer import VARIANTS
 from metaopt.kernels import KERNELS
 
 PAIRS = list(itertools.product(BASES, METAS))
@@ -90,12 +91,12 @@ def weights_and_step_sizes(model, optimizer):
 
 
 def assert_kernel_equals_reference(
-    base, meta, blocks, kernel, steps, lr_at=lambda t: 1.0, after_first_step=None, device="cpu"
+    base, meta, blocks, kernel, steps, lr_at=lambda t: 1.0, after_first_step=None, device="cpu", **options
 ):
     results = []
     for name in ("reference", kernel):
         model = make_model(device)
-        optimizer = make_optimizer(model, base, meta, blocks, name)
+        optimizer = make_optimizer(model, base, meta, blocks, name, **options)
         train(model, optimizer, 1, lr_at)
         if name == kernel and after_first_step is not None:
             with after_first_step():
@@ -111,10 +112,14 @@ def assert_kernel_equals_reference(
     assert (expected_step_sizes / (ALPHA0[base] * lr_at(steps - 1))).log().abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("base,meta", PAIRS)
-def test_foreach_kernel_equals_reference_on_every_tensor_layout(base, meta, blocks):
-    assert_kernel_equals_reference(base, meta, blocks, "foreach", steps=8)
+def test_foreach_kernel_equals_reference_on_every_tensor_layout(base, meta, blocks, variant):
+    meta_weight_decay = 0.1 if variant == "released" else 0.0
+    assert_kernel_equals_reference(
+        base, meta, blocks, "foreach", steps=8, variant=variant, meta_weight_decay=meta_weight_decay
+    )
 
 
 def warm_up(t):
@@ -134,10 +139,11 @@ def test_compiled_kernel_equals_reference_and_an_lr_schedule_does_not_recompile(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("base,meta", PAIRS)
-def test_compiled_kernel_equals_reference(base, meta, blocks):
-    assert_kernel_equals_reference(base, meta, blocks, "compiled", steps=8)
+def test_compiled_kernel_equals_reference(base, meta, blocks, variant):
+    assert_kernel_equals_reference(base, meta, blocks, "compiled", steps=8, variant=variant)
 
 
 @CUDA
