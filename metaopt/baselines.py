@@ -2,7 +2,7 @@
 
 The baselines of the paper come from their published packages, and each has its own loop
 contract (what to call around ``backward`` and ``step``, what to evaluate, how to
-checkpoint) and a few documented bugs (../shared/notes/baselines.md). An adapter hides
+checkpoint) and a few documented bugs (docs/baselines.md). An adapter hides
 exactly those differences, so the trainer runs one loop for all of them:
 
     adapter.zero_grad()

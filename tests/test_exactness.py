@@ -1,6 +1,6 @@
-"""The traces of approx="l" / "2x2" against autograd through the unrolled training run (SPEC section 5).
+"""The traces of approx="l" / "2x2" against autograd through the unrolled training run (docs/algorithm.md, "Keeping the Hessian").
 
-The unrolled run is written here from the spec's equations on one flat float64 weight vector
+The unrolled run is written here from the equations of docs/algorithm.md on one flat float64 weight vector
 (no code shared with ``metaopt``): every step's gradient is taken with ``create_graph=True``, so
 autograd can differentiate the final weights with respect to the log step sizes. With
 ``meta_lr = 0`` and ``gamma = 1`` the 2x2 trace is that derivative exactly. With ``meta_lr > 0``
@@ -89,11 +89,11 @@ def relative_error(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-# -- the unrolled run, from SPEC section 3 ----------------------------------------------------
+# -- the unrolled run, from docs/algorithm.md, "One step" and "The standard variant" ----------
 
 
 def base_step(base, w, g, m, v, t, alpha, kappa):
-    """One base update (SPEC section 3, step 2): the new weights and moments."""
+    """One base update (docs/algorithm.md, "One step", step 2): the new weights and moments."""
     hp = HP[base]
     if base == "sgd":
         d = g
@@ -117,7 +117,7 @@ def base_step(base, w, g, m, v, t, alpha, kappa):
 
 
 def meta_step(meta, beta, z, mb, vb, t, eta):
-    """One meta update (SPEC section 3, step 4)."""
+    """One meta update (docs/algorithm.md, "One step", step 4)."""
     if meta == "sgd":
         return beta - eta * z, mb, vb
     hp = META_HP[meta]
