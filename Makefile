@@ -54,6 +54,8 @@ LAUNCHER_ARG_slurm := hydra/launcher=slurm hydra.sweeper.max_batch_size=null
 LAUNCHER_ARG_basic :=
 # smoke results are throwaway: they stay out of the committed results/
 RESULTS := $(if $(filter smoke,$(SCALE)),runs/smoke/results,results)
+# more overrides of the sweep, which collect_runs.py gets too, e.g. ARGS=run_root=/scratch/runs
+ARGS ?=
 # what each scale reads from disk (smoke: only embedded data)
 DATA_mini := data/fashion_mnist/FashionMNIST/raw/train-images-idx3-ubyte data/text/kjv.txt
 
@@ -61,8 +63,8 @@ DATA_mini := data/fashion_mnist/FashionMNIST/raw/train-images-idx3-ubyte data/te
 
 $(FIGURES): $(STAMP) $(DATA_$(SCALE))  ## a paper item: its sweep, results/<item>/runs.csv, the plot or table
 	$(if $(filter $(LAUNCHER),local slurm basic),,$(error LAUNCHER must be local, slurm or basic, not '$(LAUNCHER)'))
-	$(if $(filter full,$(SCALE)),,OMP_NUM_THREADS=1) $(PY) -m experiments.train experiment=$@ scale=$(SCALE) $(LAUNCHER_ARG_$(LAUNCHER))
-	$(PY) scripts/collect_runs.py $@ --scale $(SCALE) --out $(RESULTS)/$@
+	$(if $(filter full,$(SCALE)),,OMP_NUM_THREADS=1) $(PY) -m experiments.train experiment=$@ scale=$(SCALE) $(LAUNCHER_ARG_$(LAUNCHER)) $(ARGS)
+	$(PY) scripts/collect_runs.py $@ --scale $(SCALE) --out $(RESULTS)/$@ $(ARGS)
 	$(PY) scripts/make_figures.py $@ --results $(RESULTS)
 
 figures: $(STAMP)  ## redraw every figure and table from the committed results/<item>/runs.csv (no runs, no GPU)
