@@ -74,6 +74,9 @@ AccountingStorageHost=localhost
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
+# look at pending jobs every 5 s (default 60 s and 30 s): a requeued job, held for 2 minutes,
+# starts as soon as it may
+SchedulerParameters=sched_interval=5,bf_interval=5
 MpiDefault=none
 ReturnToService=2
 NodeName=$HOST CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEMORY_MB State=UNKNOWN
