@@ -20,7 +20,9 @@ import experiments.train  # noqa: F401  (registers the path_join resolver of con
 from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-ITEMS = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "table1")
+# The paper's items (and ours beyond it) are the files of conf/experiment/, in natural order (fig2 before fig10).
+ITEMS = tuple(sorted((path.stem for path in (CONF / "experiment").glob("*.yaml")),
+                     key=lambda name: (name.rstrip("0123456789"), int("0" + name[len(name.rstrip("0123456789")):]))))
 SCALES = ("full", "mini", "smoke")
 
 
@@ -58,8 +60,15 @@ def expected_runs(cfg: DictConfig) -> list[Run]:
     params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.params else {}
     expanded = expand_grids(grids, params)
     tuned = set(cfg.figure.tuned)
-    return [Run(grid, tuple(overrides), grid if grid in tuned else arm_names(grid, overrides, expanded))
+    runs = [Run(grid, tuple(overrides), grid if grid in tuned else arm_names(grid, overrides, expanded))
             for grid, overrides in expanded]
+    # An arm name that an earlier grid already gave (the same optimizer in another variant) is
+    # qualified by its grid: "metaopt_adamw_adam (standard)".
+    first_grid = {}
+    for run in runs:
+        first_grid.setdefault(run.arm, run.grid)
+    return [run if first_grid[run.arm] == run.grid else Run(run.grid, run.overrides, f"{run.arm} ({run.grid})")
+            for run in runs]
 
 
 def arm_names(grid: str, overrides: list[str], expanded: list[tuple[str, list[str]]]) -> str:

@@ -59,12 +59,17 @@ def make_param_groups(model: nn.Module, blocks: Any = None, no_decay: bool = Fal
     return [g for g in ({"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}) if g["params"]]
 
 
-def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> LambdaLR:
-    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` times the peak at ``total_steps``.
+def warmup_cosine(
+    optimizer: Optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0, decay_steps: int | None = None
+) -> LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` times the peak at
+    ``decay_steps`` (default: ``total_steps``, the run's last step).
 
     The peak is each group's ``lr``. This is the schedule of the authors' AdamW baseline
-    and of llama2.c (which warms up from 0 too).
+    and of llama2.c (which warms up from 0 too). The authors' ImageNet script decays to 0 at
+    step 422,000 whatever the run's length (``decay_steps=422000``).
     """
+    total_steps = total_steps if decay_steps is None else decay_steps
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}); shorten the warm-up")
 

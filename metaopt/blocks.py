@@ -38,12 +38,23 @@ def llama2c_blocks(n_layers: int) -> dict[str, tuple[str, ...]]:
 
 
 def preset_blocks(name: str, model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """The named blocks ``"resnet18"`` or ``"llama2c"`` (which counts ``model.layers``)."""
+    """The named blocks ``"model"`` (those the model declares as ``model.named_blocks``),
+    ``"resnet18"`` or ``"llama2c"`` (which counts ``model.layers``)."""
+    if name == "model":
+        declared = getattr(model, "named_blocks", None)
+        if declared is None:
+            raise ValueError(
+                f"{type(model).__name__} declares no named_blocks: give the blocks as a preset "
+                "('resnet18', 'llama2c') or a dict of name -> module prefixes"
+            )
+        return dict(declared)
     if name == "resnet18":
         return dict(RESNET18_BLOCKS)
     if name == "llama2c":
         return llama2c_blocks(len(model.layers))
-    raise ValueError(f"unknown block preset {name!r}: use 'resnet18', 'llama2c' or a dict of name -> module prefixes")
+    raise ValueError(
+        f"unknown block preset {name!r}: use 'model', 'resnet18', 'llama2c' or a dict of name -> module prefixes"
+    )
 
 
 def _matches(name: str, prefix: str) -> bool:

@@ -210,6 +210,54 @@ def plot(item: str, cfg, chosen, runs, out: Path) -> None:
     plt.close(fig)
 
 
+def sensitivity_plot(item: str, cfg, chosen, runs, out: Path) -> None:
+    """One panel per figure.sweeps entry: the final metric (mean over seeds) against the swept key,
+    one line per optimizer and variant among the runs that hold the other key at the paper's value;
+    the tuned fixed step of the matching base (figure.fixed) as a horizontal line."""
+    fig_cfg = cfg.figure
+    metric = fig_cfg.metrics[0]
+    sweeps = list(fig_cfg.sweeps)
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.2 * len(sweeps), 3.8), squeeze=False)
+    fixed_of = dict(fig_cfg.fixed)
+    colors = {}
+    for col, sweep in enumerate(sweeps):
+        ax = axes[0][col]
+        lines = defaultdict(lambda: defaultdict(list))  # (optimizer, variant) -> swept value -> final per seed
+        for run, rows in runs:
+            values = run.values
+            held = all(float(values.get(k, "nan")) == float(v) for k, v in sweep.held.items())
+            if values.get("optimizer") in fixed_of and sweep.key in values and held:
+                lines[(values["optimizer"], values.get("optimizer.variant", "standard"))][float(values[sweep.key])].append(
+                    final(rows, metric) if rows[0]["status"] == "finished" else math.nan)
+        finite_values = [v for points in lines.values() for seeds in points.values() for v in seeds if math.isfinite(v)]
+        top = max(finite_values) * 1.5 if finite_values else 1.0
+        for (optimizer, variant), points in sorted(lines.items()):
+            color = colors.setdefault(optimizer, f"C{len(colors)}")
+            xs = sorted(points)
+            means = [statistics.fmean(points[x]) if all(math.isfinite(v) for v in points[x]) else math.nan for x in xs]
+            ax.plot(xs, means, marker="o", color=color, linestyle="-" if variant == "released" else ":",
+                    label=f"{optimizer.removeprefix('metaopt_')} ({variant})")
+            diverged = [x for x, m in zip(xs, means) if not math.isfinite(m)]
+            ax.plot(diverged, [top] * len(diverged), "x", color=color, markersize=9)
+        for optimizer, grid in fixed_of.items():
+            if grid in chosen and optimizer in colors:
+                label, seeds = chosen[grid]
+                ax.axhline(statistics.fmean(final(rows, metric) for rows in seeds), color=colors[optimizer],
+                           linestyle="--", linewidth=1, label=f"fixed {label}")
+        ax.axvline(float(sweep.paper), color="grey", linewidth=1, label="the paper's value")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(sweep.key.removeprefix("optimizer."))
+        ax.set_ylabel(f"final {metric}")
+        ax.set_title(sweep.title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{fig_cfg.title} ({cfg_scale(cfg)} scale); x: diverged", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"{item}.png", dpi=110)
+    plt.close(fig)
+
+
 def cfg_scale(cfg) -> str:
     return cfg.hydra.runtime.choices.get("scale", "full")
 
@@ -255,6 +303,10 @@ def table(item: str, cfg, runs, out: Path) -> Path:
     return path
 
 
+# figure.kind -> the function that draws it (kind table writes markdown instead: table())
+RENDERERS = {"curves": plot, "step_sizes": plot, "sensitivity": sensitivity_plot}
+
+
 def build(item: str, results: Path) -> Path:
     """Check, plot (or tabulate) and summarise one item; returns the figure's or table's path."""
     out = results / item
@@ -264,7 +316,7 @@ def build(item: str, results: Path) -> Path:
     if cfg.figure.kind == "table":
         figure = table(item, cfg, runs, out)
     else:
-        plot(item, cfg, chosen, runs, out)
+        RENDERERS[cfg.figure.kind](item, cfg, chosen, runs, out)
         figure = out / f"{item}.png"
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))

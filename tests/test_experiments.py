@@ -3,6 +3,7 @@ the paper's protocol implies, figures come from runs.csv alone and refuse an inc
 (slow) `make fig1 SCALE=smoke`'s command runs end to end through the submitit local launcher."""
 
 import csv
+import math
 import os
 import shutil
 import subprocess
@@ -13,10 +14,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from experiments.reproduce import CONF, ITEMS, SCALES, compose_experiment, expected_runs
 from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
-from metaopt.blocks import param_groups_by_prefix
+from metaopt.blocks import RESNET18_BLOCKS, param_groups_by_prefix
+from metaopt.models import SixBlockMLP
 from metaopt.models.resnet import resnet_mini
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,23 +30,27 @@ import make_figures  # noqa: E402
 
 # The runs each sweep holds, from the paper's protocol (Appendix C) and the scale profiles:
 #   full: 3 seeds; fixed steps over 5 values, cosine peaks over 3, DoG over 4 initial movements
-#   mini: 1 seed; fixed steps over 4 values on the image tasks and 3 on text, cosine peaks over 3,
-#         DoG over 2
+#   mini: 2 seeds; the image tasks' grids as the paper's but DoG over 2; on text fixed steps over 3
 #   smoke: 1 seed, the full grids
-FIG1 = {"full": (8 + 4 * 5) * 3, "mini": 8 + 4 * 4, "smoke": 8 + 4 * 5}  # 8 MetaOptimize arms, 4 tuned bases
+# Fig. 1: 8 MetaOptimize arms in the released variant, its 6 Adam-meta arms in the standard one, 4 tuned bases
+FIG1 = {"full": (8 + 6 + 4 * 5) * 3, "mini": (8 + 6 + 4 * 5) * 2, "smoke": 8 + 6 + 4 * 5}
 FIG4 = {"full": (3 + 2 * 5 + 3 + 4 + 1 + 3 + 3) * 3,  # MetaOptimize, AdamW/Lion, cosine, DoG, Prodigy, gdtuo, mechanic
-        "mini": 3 + 2 * 4 + 3 + 2 + 1 + 3 + 3, "smoke": 3 + 2 * 5 + 3 + 4 + 1 + 3 + 3}
+        "mini": (3 + 2 * 5 + 3 + 2 + 1 + 3 + 3) * 2, "smoke": 3 + 2 * 5 + 3 + 4 + 1 + 3 + 3}
 FIG5 = {"full": (2 + 2 * 5 + 3 + 4 + 1 + 3) * 3,  # as Fig. 4 without gdtuo (tied embeddings)
-        "mini": 2 + 2 * 3 + 3 + 2 + 1 + 3, "smoke": 2 + 2 * 5 + 3 + 4 + 1 + 3}
+        "mini": (2 + 2 * 3 + 3 + 2 + 1 + 3) * 2, "smoke": 2 + 2 * 5 + 3 + 4 + 1 + 3}
+# sensitivity: (AdamW, Adam) in two variants and (Lion, Lion) over 7 eta and 5 alpha0 (the paper's
+# setting shared), and the AdamW and Lion fixed-step grids; one seed at mini and smoke
+SENSITIVITY = 3 * (7 + 5 - 1) + 2 * 5
 EXPECTED_RUNS = {
     "fig1": FIG1,
-    "fig2": {"full": 5 * 3, "mini": 5, "smoke": 5},  # five alpha0
-    "fig3": {"full": 3, "mini": 1, "smoke": 1},  # the blockwise (SGDm, Adam) run of Fig. 1
+    "fig2": {"full": 5 * 3, "mini": 5 * 2, "smoke": 5},  # five alpha0
+    "fig3": {"full": 3, "mini": 2, "smoke": 1},  # the blockwise (SGDm, Adam) run of Fig. 1
     "fig4": FIG4,
     "fig5": FIG5,
     "fig6": FIG4,
     "fig7": FIG5,
-    "fig8": {"full": 4 * 3, "mini": 4, "smoke": 4},  # (AdamW, Lion), (Lion, Lion): scalar and blockwise
+    "fig8": {"full": 4 * 3, "mini": 4 * 2, "smoke": 4},  # (AdamW, Lion), (Lion, Lion): scalar and blockwise
+    "sensitivity": {"full": SENSITIVITY * 3, "mini": SENSITIVITY, "smoke": SENSITIVITY},
     # AdamW and five others on ImageNet; on TinyStories without gdtuo; mini and smoke: the image task
     "table1": {"full": 6 + 5, "mini": 6, "smoke": 6},
 }
@@ -77,7 +84,8 @@ def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
 
 # Every (item, scale) in the slow tier; the fast tier composes the sweeps run here (mini) of the
 # items whose runs the others reuse. A compose takes about 0.3 s.
-COMPOSE_CASES = [pytest.param(item, scale, marks=[] if scale == "mini" and item in ("fig1", "fig2", "fig4", "fig5")
+COMPOSE_CASES = [pytest.param(item, scale, marks=[] if scale == "mini" and item in ("fig1", "fig2", "fig4", "fig5",
+                                                                                   "sensitivity")
                               else [pytest.mark.slow]) for item in ITEMS for scale in SCALES]
 
 
@@ -96,10 +104,32 @@ def test_each_grid_composes_into_a_run_config(experiments, item, scale):
             assert dataset in stand_ins[scale]
             job = compose("train", overrides=[f"experiment={item}", f"scale={scale}", *run.overrides])
             assert job.dataset._target_.endswith("." + dataset) and job.optimizer._target_
-            assert job.model._target_.split(".")[-1] == model
+            assert job.model._target_ == OmegaConf.load(CONF / "model" / f"{model}.yaml")._target_
             assert job.trainer.max_steps == cfg.trainer.max_steps
-            if "optimizer.meta_lr" in run.values:  # MetaOptimize arms run at the scale's eta
-                assert job.optimizer.meta_lr == cfg.tuning.meta_lr
+            if "optimizer.meta_lr" in run.values:  # MetaOptimize arms run at the eta their grid gives
+                assert job.optimizer.meta_lr == float(run.values["optimizer.meta_lr"])
+
+
+@pytest.mark.parametrize("item", [item for item in ITEMS if item != "table1"])
+def test_mini_scale_keeps_the_algorithms_settings(experiments, item):
+    """A CPU-scale stand-in shrinks data, model, grids and seeds, never eta, gamma or alpha0, and runs
+    long enough for the step size to grow from alpha0 (at eta = 1e-3, about 7,000 steps)."""
+    mini, full = experiments[(item, "mini")], experiments[(item, "full")]
+    assert mini.tuning.meta_lr == full.tuning.meta_lr == 1e-3
+    assert mini.trainer.max_steps >= 20000
+    first = {}  # one run of each MetaOptimize arm
+    for run in expected_runs(mini):
+        if run.values["optimizer"].startswith("metaopt_"):
+            first.setdefault(run.arm, run)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for run in first.values():
+            job = compose("train", overrides=[f"experiment={item}", f"scale=mini", *run.overrides])
+            paper = compose("train", overrides=[f"optimizer={run.values['optimizer']}"]).optimizer
+            for key in ("alpha0", "gamma", "meta_momentum", "meta_normalizer", "weight_decay", "momentum"):
+                if f"optimizer.{key}" not in run.values:
+                    assert job.optimizer[key] == paper[key], (run.key, key)
+    if item != "sensitivity":  # two seeds for every arm (sensitivity: one, over 43 settings)
+        assert {run.values["seed"] for run in expected_runs(mini)} == {"0", "1"}
 
 
 @pytest.mark.parametrize("item, source", SHARED.items())
@@ -122,6 +152,14 @@ def test_tuned_grids_follow_appendix_c(experiments):
     assert values("adamw_cosine", "optimizer.adapter.scheduler.warmup_steps") == [10000]
     assert values("dog", "optimizer.reps_rel") == [1e-9, 1e-8, 1e-7, 1e-6]
     assert values("metaopt", "optimizer.meta_lr") == [1e-3]
+    # the arms the authors ran through their own class run their update; torch's and the packages' as published
+    assert {r.values["optimizer.variant"] for r in runs if r.grid == "metaopt"} == {"released"}
+    assert not any("optimizer.variant" in r.values for r in runs if r.grid != "metaopt")
+    assert values("adamw_cosine", "optimizer.adapter.scheduler.decay_steps") == [422000]
+    cifar = expected_runs(experiments[("fig1", "full")])
+    assert {r.values["optimizer.variant"] for r in cifar if r.grid in ("metaopt", "adamw", "lion", "rmsprop", "sgdm")} \
+        == {"released"}
+    assert {r.values["optimizer.variant"] for r in cifar if r.grid == "standard"} == {"standard"}
     assert {r.arm for r in runs if r.grid == "gdtuo"} == {"gdtuo"}  # a tuned grid is one curve
     assert {r.arm for r in runs if r.grid == "metaopt"} == {"metaopt_adamw_lion", "metaopt_lion_lion",
                                                             "metaopt_sgdm_lion"}
@@ -147,6 +185,17 @@ def test_expand_grids_is_a_union_of_products():
     assert expand_grids(grids, {"seed": "0,1"}, ["seed=5"])[0][1][-1] == "seed=5"
     assert len(expand_grids(grids, {"seed": "0,1"}, ["seed=5"])) == 4
     OverridesParser.create()  # the parser the sweeper uses needs no config loader for these
+
+
+def test_the_mini_stand_in_declares_six_blocks():
+    model = SixBlockMLP(num_classes=10, in_channels=1, image_size=28)
+    groups = param_groups_by_prefix(model, "model")
+    assert [g["block"] for g in groups] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert sum(p.numel() for g in groups for _, p in g["params"]) == sum(p.numel() for p in model.parameters())
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert [g["block"] for g in param_groups_by_prefix(resnet_mini(), "model")] == list(RESNET18_BLOCKS)
+    with pytest.raises(ValueError, match="declares no named_blocks"):
+        param_groups_by_prefix(torch.nn.Linear(2, 2), "model")
 
 
 def test_resnet_mini_has_resnet18_blocks():
@@ -192,6 +241,36 @@ def test_make_figures_refuses_a_csv_with_a_missing_run(tmp_path):
     with pytest.raises(make_figures.MissingRuns, match=r"missing: .*optimizer\.alpha0=1e-06.* seed=0"):
         make_figures.build("fig2", results)
     assert not (results / "fig2" / "fig2.png").exists()
+
+
+def test_sensitivity_figure_from_its_runs(tmp_path):
+    """The sensitivity renderer on a runs.csv holding every run of the smoke sweep: synthetic final
+    losses (a bowl in log eta and log alpha0), the largest eta diverged."""
+    cfg = compose_experiment("sensitivity", "smoke")
+    runs = expected_runs(cfg)
+    swept = sorted({k for run in runs for k in run.values if k != "seed"})
+    rows = []
+    for run in runs:
+        values = run.values
+        loss = 0.3 + 0.01 * abs(math.log10(float(values.get("optimizer.meta_lr", 1e-3)) / 1e-3)) \
+            + 0.02 * abs(math.log10(float(values["optimizer.alpha0"]) / 1e-4))
+        diverged = values.get("optimizer.meta_lr") == "0.1" and values["optimizer"] == "metaopt_lion_lion"
+        identity = {"item": "sensitivity", "scale": "smoke", "grid": run.grid, "arm": run.arm, "run": run.key,
+                    "seed": "0", "status": "failed" if diverged else "finished"}
+        for step, value in ((0, 2.3), (4, "nan" if diverged else loss)):
+            rows.append({**identity, **{k: values.get(k, "") for k in swept}, "step": step, "train/loss": value})
+    (tmp_path / "sensitivity").mkdir()
+    with open(tmp_path / "sensitivity" / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    png = make_figures.build("sensitivity", tmp_path)
+    assert png.exists() and png.stat().st_size > 10_000
+    with open(tmp_path / "sensitivity" / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert {row["setting"].split("optimizer.alpha0=")[1].split()[0] for row in summary
+            if row["selected"] == "yes"} == {"0.0001"}  # both tuned bases pick the bowl's bottom
+    assert len(summary) == len(runs)
 
 
 def test_tuned_grid_picks_the_best_setting_and_ranks_a_diverged_run_last():

@@ -7,10 +7,13 @@ cifar10 and imagenet are the paper's datasets; they must be on disk already.
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision import datasets
 from torchvision import transforms as T
@@ -73,28 +76,81 @@ def _ten_class_splits(
     """Train and test splits of a torchvision 10-class dataset with a train=True/False switch.
 
     With augment, training images get the CIFAR recipe first: random crop with 4-pixel padding, then a flip.
+    Without it, both splits are normalised once into tensors in memory (the same values as ToTensor
+    and Normalize give): per-image PIL conversions would cost more than a small model's step.
     """
     test_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    train_tf = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), test_tf]) if augment else test_tf
+    if augment:
+        train = dataset_class(root, train=True, transform=T.Compose([T.RandomCrop(size, padding=4),
+                                                                     T.RandomHorizontalFlip(), test_tf]))
+    else:
+        train = _normalized_in_memory(dataset_class(root, train=True), mean, std)
     return DataSplits(
-        train=dataset_class(root, train=True, transform=train_tf),
-        test=dataset_class(root, train=False, transform=test_tf),
+        train=train,
+        test=_normalized_in_memory(dataset_class(root, train=False), mean, std),
         batch_size=batch_size,
         kind="classification",
         model_kwargs={"num_classes": 10, "in_channels": len(mean), "image_size": size},
     )
 
 
+def _normalized_in_memory(dataset, mean: tuple, std: tuple) -> TensorDataset:
+    """A torchvision dataset's uint8 images (N, H, W) or (N, H, W, C) as normalised float (N, C, H, W)."""
+    images = torch.as_tensor(dataset.data)
+    images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+    channel = (1, len(mean), 1, 1)
+    x = images.float().div(255).sub(torch.tensor(mean).view(channel)).div(torch.tensor(std).view(channel))
+    return TensorDataset(x.contiguous(), torch.as_tensor(dataset.targets))
+
+
 def fashion_mnist(root: str = "data/fashion_mnist", batch_size: int = 100, augment: bool = False) -> DataSplits:
     """Fashion-MNIST, 60k/10k 28x28 grey images, from IDX files in root/FashionMNIST/raw/."""
     raw = os.path.join(root, "FashionMNIST", "raw")
-    require(
-        *(os.path.join(raw, name) for name in FASHION_MNIST_FILES),
-        prepare=f"python scripts/prepare_fashion_mnist.py --out {root}",
-    )
+    prepare = f"python scripts/prepare_fashion_mnist.py --out {root}"
+    require(*(os.path.join(raw, name) for name in FASHION_MNIST_FILES), prepare=prepare)
+    for split in ("train", "t10k"):
+        images = _check_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), (28, 28), prepare)
+        labels = _check_idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), (), prepare)
+        if images != labels:
+            raise ValueError(f"{raw}: {split}-images-idx3-ubyte holds {images} images but {split}-labels-idx1-ubyte "
+                             f"{labels} labels. Prepare the files again with:\n    {prepare}")
     return _ten_class_splits(
         datasets.FashionMNIST, root, 28, FASHION_MNIST_MEAN, FASHION_MNIST_STD, augment, batch_size
     )
+
+
+def _check_idx(path: str, item_shape: tuple[int, ...], prepare: str) -> int:
+    """The number of items of an IDX file of unsigned bytes with items of ``item_shape``; a damaged
+    file raises naming it (torchvision's reader fails on it with a bare AssertionError)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    ndim = 1 + len(item_shape)
+    header = 4 + 4 * ndim
+    problem = None
+    if len(data) < header or data[:4] != bytes([0, 0, 0x08, ndim]):
+        problem = f"it does not start with the IDX header of {ndim}-dimensional unsigned bytes"
+    else:
+        shape = struct.unpack(f">{ndim}I", data[4:header])
+        if shape[1:] != item_shape:
+            problem = f"its items are {shape[1:]}, not {item_shape}"
+        elif len(data) != header + math.prod(shape):
+            problem = f"it holds {len(data)} bytes where its header {shape} needs {header + math.prod(shape)}"
+        elif not item_shape and max(data[header:], default=0) >= 10:
+            problem = f"it holds the label {max(data[header:])}, outside the 10 classes"
+    if problem:
+        raise ValueError(f"{path} is damaged: {problem}. Prepare the files again with:\n    {prepare}")
+    return shape[0]
+
+
+def _load_image(path: str) -> Image.Image:
+    """ImageFolder's default loader, raising with the path when a file is no readable image (a truncated
+    JPEG fails at its first use with PIL's message alone, and would fail at the same batch on every rerun)."""
+    try:
+        return datasets.folder.pil_loader(path)
+    except (OSError, SyntaxError, ValueError) as error:  # the errors PIL raises for damaged files
+        raise OSError(f"{path} cannot be read as an image ({type(error).__name__}: {error}): replace it with a good "
+                      "copy (or delete it, which changes the data order), then run the same command again: the run "
+                      "continues from its last checkpoint") from None
 
 
 def cifar10(root: str = "data/cifar10", batch_size: int = 100, augment: bool = False) -> DataSplits:
@@ -120,8 +176,8 @@ def imagenet(root: str = "data/imagenet", batch_size: int = 256) -> DataSplits:
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
-    train = datasets.ImageFolder(train_dir, transform=train_tf)
-    test = datasets.ImageFolder(val_dir, transform=test_tf)
+    train = datasets.ImageFolder(train_dir, transform=train_tf, loader=_load_image)
+    test = datasets.ImageFolder(val_dir, transform=test_tf, loader=_load_image)
     if train.classes != test.classes:
         raise ValueError(f"{train_dir} and {val_dir} hold different class folders; label ids would not match")
     return DataSplits(

@@ -10,6 +10,8 @@ from torch import nn
 from torchvision.models import resnet18 as torchvision_resnet18
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from metaopt.blocks import RESNET18_BLOCKS
+
 
 def _stem(in_channels: int, kernel_size: int, stride: int) -> nn.Conv2d:
     """A first convolution to 64 channels, initialised as torchvision initialises its own."""
@@ -28,6 +30,7 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, image_size: int 
     # the ImageNet stem (7x7 stride 2, then max-pool) would shrink 32x32 to 8x8 before layer1
     model.conv1 = _stem(in_channels, kernel_size=3, stride=1)
     model.maxpool = nn.Identity()
+    model.named_blocks = dict(RESNET18_BLOCKS)
     return model
 
 
@@ -36,6 +39,7 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, image_size: int = 22
     model = torchvision_resnet18(num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = _stem(in_channels, kernel_size=7, stride=2)
+    model.named_blocks = dict(RESNET18_BLOCKS)
     return model
 
 
@@ -61,4 +65,5 @@ def resnet_mini(num_classes: int = 10, in_channels: int = 3, image_size: int = 3
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    model.named_blocks = dict(RESNET18_BLOCKS)
     return model

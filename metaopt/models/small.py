@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 
@@ -31,3 +32,26 @@ def small_cnn(num_classes: int, in_channels: int, image_size: int, channels: Seq
         in_channels = c
     layers += [nn.Flatten(), nn.Linear(in_channels * size * size, num_classes)]
     return nn.Sequential(*layers)
+
+
+class SixBlockMLP(nn.Module):
+    """An MLP in six named parts, ``stem``, ``layer1`` ... ``layer4`` and ``head``, as ResNet-18's six
+    blocks: the CPU-scale stand-in for the paper's blockwise step sizes (``named_blocks``).
+
+    The stem maps the flattened image to ``width`` units, each layer is Linear + ReLU at ``width``,
+    and the head maps to the class logits.
+    """
+
+    named_blocks = {name: (name,) for name in ("stem", "layer1", "layer2", "layer3", "layer4", "head")}
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: int = 128):
+        super().__init__()
+        self.stem = nn.Linear(in_channels * image_size * image_size, width)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (nn.Linear(width, width) for _ in range(4))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x.flatten(1)))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = torch.relu(layer(x))
+        return self.head(x)
