@@ -3,13 +3,16 @@
 metrics.csv is the run's record (the figures are built from it): one row per logged step,
 with train rows and evaluation rows merged when they fall on the same step. A resumed run
 first drops the rows written after its checkpoint, so the file ends up exactly as an
-uninterrupted run would have written it.
+uninterrupted run would have written it. That trimmed copy replaces the file atomically
+(metaopt/files.py), and a last line torn by a kill is dropped with the rows after the
+checkpoint, so no kill at any moment empties or garbles the file; rows are then appended.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import netrc
 import os
@@ -20,6 +23,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+
+from metaopt.files import atomic_write
 
 
 class MetricsLog:
@@ -42,21 +47,30 @@ class MetricsLog:
         self.wandb_run = _init_wandb(run_dir, wandb, config, name) if wandb is not None else None
 
     def _open_csv(self, resume_step: int | None) -> None:
-        rows: list[dict[str, str]] = []
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames != self.columns:
-                    raise ValueError(
-                        f"{self.path} has columns {reader.fieldnames}, this run logs {self.columns}; "
-                        "the run folder belongs to another configuration: use another run_root or delete it"
-                    )
-                rows = [row for row in reader if int(row["step"]) <= resume_step]
-        self.file = open(self.path, "w", newline="")
+        rows = self._rows_up_to(resume_step) if resume_step is not None and os.path.exists(self.path) else []
+        with atomic_write(self.path, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.file.flush()
+
+    def _rows_up_to(self, step: int) -> list[dict[str, str]]:
+        """The complete rows of metrics.csv up to ``step``; a last line without its line break was torn by a kill."""
+        with open(self.path, newline="") as f:
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(complete, newline=""))
+        if reader.fieldnames != self.columns:
+            found = f"the columns {reader.fieldnames}" if reader.fieldnames else "no header (it is empty)"
+            raise ValueError(
+                f"{self.path} has {found}, this run logs {self.columns}. The checkpoint is "
+                f"fine: to continue the run with a new metrics.csv, move this one aside (mv {self.path} "
+                f"{self.path}.old) and run the same command again; if the folder holds another configuration's "
+                "run, use another run_root instead"
+            )
+        return [row for row in reader if len(row) == len(self.columns) and None not in row.values()
+                and int(row["step"]) <= step]
 
     def log(self, row: dict[str, Any]) -> None:
         if self.file is not None:
@@ -64,6 +78,11 @@ class MetricsLog:
             self.file.flush()  # a killed job keeps every row it logged
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def sync(self) -> None:
+        """Put the rows logged so far on the disk (before a checkpoint that counts on them)."""
+        if self.file is not None:
+            os.fsync(self.file.fileno())
 
     def close(self) -> None:
         if self.file is not None:
@@ -135,8 +154,6 @@ def run_metadata(seed: int, device: torch.device, world_size: int) -> dict[str, 
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
-    partial = f"{path}.{os.getpid()}.tmp"
-    with open(partial, "w") as f:
+    with atomic_write(path) as f:
         json.dump(data, f, indent=2)
         f.write("\n")
-    os.replace(partial, path)

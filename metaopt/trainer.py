@@ -14,6 +14,7 @@ for images, next-token logits for language models).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,8 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from metaopt import checkpoint
+from metaopt import checkpoint, files
 from metaopt.loggers import MetricsLog, run_metadata, write_json
+from metaopt.validation import check_config
 
 # Config sections a resumed run must share with its checkpoint (the rest may change: a
 # longer budget, another device, another logger).
@@ -56,13 +58,18 @@ class TrainResult:
 
 
 def train(cfg: DictConfig, run_dir: str) -> TrainResult:
+    """Train as ``cfg`` says in ``run_dir``, continuing from its checkpoint if it holds one.
+
+    Every value of the config is checked first (metaopt/validation.py); the run folder stays
+    locked against other processes until this returns or raises (metaopt/files.py).
+    """
+    check_config(cfg)
+    with contextlib.ExitStack() as run_folder_lock:
+        return _train(cfg, run_dir, run_folder_lock)
+
+
+def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack) -> TrainResult:
     tcfg = cfg.trainer
-    if tcfg.max_steps is None and tcfg.epochs is None:
-        raise ValueError("set the length of the run: trainer.max_steps=<steps> or trainer.epochs=<epochs>")
-    if not tcfg.log_every or tcfg.log_every < 1:
-        raise ValueError(f"trainer.log_every must be a number of steps >= 1, got {tcfg.log_every}")
-    if tcfg.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"trainer.precision must be fp32, bf16 or fp16, got {tcfg.precision!r}")
 
     # -- processes and device ---------------------------------------------------------------
     # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; every rank runs this same function.
@@ -76,11 +83,14 @@ def train(cfg: DictConfig, run_dir: str) -> TrainResult:
         created_group = True
     is_main = rank == 0
 
-    # -- run folder: resume from its checkpoint if there is one --------------------------------
+    # -- run folder: locked, cleared of killed writers' temporaries, resumed from its checkpoint --
     os.makedirs(run_dir, exist_ok=True)
+    if is_main:
+        run_folder_lock.enter_context(files.RunLock(run_dir))
+        files.remove_temporaries(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    state = checkpoint.load(checkpoint_path) if os.path.exists(checkpoint_path) else None
+    state = checkpoint.load_for_resume(checkpoint_path)
     if state is not None:
         changed = [key for key in SAME_ON_RESUME if state["config"].get(key) != config.get(key)]
         if changed:
@@ -100,6 +110,9 @@ def train(cfg: DictConfig, run_dir: str) -> TrainResult:
     steps_per_epoch = len(data.train) // data.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {data.batch_size} exceeds the {len(data.train)} training examples")
+    if tcfg.eval_every and len(data.test) == 0:
+        raise ValueError(f"the test split of {cfg.dataset._target_} is empty, so it cannot be evaluated: give it "
+                         "examples (dataset.test_fraction, where the dataset has one) or set trainer.eval_every=0")
     total_steps = tcfg.epochs * steps_per_epoch if tcfg.epochs is not None else tcfg.max_steps
 
     # -- model and optimizer -----------------------------------------------------------------
@@ -137,7 +150,7 @@ def train(cfg: DictConfig, run_dir: str) -> TrainResult:
     # -- the run folder's records: written once the run is set up, so a run that fails to
     # start (a missing dataset, a bad keyword) leaves no record claiming it is running ------------
     if is_main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        with files.atomic_write(os.path.join(run_dir, "config.yaml")) as f:
             f.write(OmegaConf.to_yaml(config))
         meta = run_metadata(cfg.seed, device, world_size)
         meta["status"] = "running"
@@ -182,11 +195,18 @@ def train(cfg: DictConfig, run_dir: str) -> TrainResult:
             rng = [None] * world_size
             dist.all_gather_object(rng, checkpoint.rng_state())
         if is_main:
-            checkpoint.save({
+            payload = {
                 "step": step, "finished": finished, "summary": summary, "config": config,
                 "model": model.state_dict(), "optimizer": adapter.state_dict(), "scaler": scaler.state_dict(),
                 "window": window.state_dict(), "rng": rng, "elapsed_s": elapsed_before + time.time() - started,
-            }, checkpoint_path)
+            }
+            # a diverged state never replaces the last good checkpoint, even between logged rows
+            problem = _non_finite_state(payload, adapter.step_sizes())
+            if problem:
+                raise FloatingPointError(_divergence_message(*problem, step, cfg, checkpoint_path))
+            if log is not None:
+                log.sync()  # the rows up to this step reach the disk before the checkpoint that counts on them
+            checkpoint.save(payload, checkpoint_path)
 
     # Preemption: the handler only records the request; the loop checkpoints at the end of
     # the current step, so the checkpoint never holds half a step.
@@ -252,9 +272,9 @@ def train(cfg: DictConfig, run_dir: str) -> TrainResult:
                 if log is not None:
                     log.log(row)
                 progress.set_postfix(_postfix(last_row), refresh=False)
-                problem = _non_finite(row)
+                problem = _diverged(row, zero_step_size_planned=getattr(adapter, "scheduler", None) is not None)
                 if problem:
-                    raise FloatingPointError(_divergence_message(problem, row, step, cfg, checkpoint_path))
+                    raise FloatingPointError(_divergence_message(*problem, step, cfg, checkpoint_path))
 
             # Stop requests are acted on by every rank at the same step: under DDP they are
             # agreed on at logging steps only (one small all-reduce, no per-step sync).
@@ -466,27 +486,46 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def _non_finite(row: dict[str, Any]) -> str | None:
-    """The first logged loss or step size that is NaN or infinite."""
+def _diverged(row: dict[str, Any], zero_step_size_planned: bool) -> tuple[str, str] | None:
+    """(what, is what) for the first logged loss or step size that is NaN or infinite, or a step
+    size of exactly 0 (underflowed: the weights stop moving) where no schedule plans one."""
     for key, value in row.items():
         if (key == "train/loss" or key.startswith("step_size")) and not math.isfinite(value):
-            return key
+            return key, str(value)
+        if key.startswith("step_size") and value == 0 and not zero_step_size_planned:
+            return key, "0"
     return None
 
 
-def _divergence_message(key: str, row: dict[str, Any], step: int, cfg: DictConfig, checkpoint_path: str) -> str:
-    where = f"{key} is {row[key]} at step {step}"
-    if key == "train/loss":
+def _non_finite_state(payload: dict[str, Any], step_sizes: dict[str, float]) -> tuple[str, str] | None:
+    """(what, is what) for the first weight, optimizer state, train-loss sum or step size of a
+    checkpoint that is NaN or infinite."""
+    for part, name in (("model", "weight"), ("optimizer", "optimizer state"), ("window", "train loss sum")):
+        found = checkpoint.first_non_finite(payload[part])
+        if found is not None:
+            return f"{name} {found}", "not finite"
+    for key, value in step_sizes.items():
+        if not math.isfinite(value):
+            return key, str(value)
+    return None
+
+
+def _divergence_message(what: str, value: str, step: int, cfg: DictConfig, checkpoint_path: str) -> str:
+    if not what.startswith("step_size"):
         cause = ("training diverged: the updates grew too large for this model. Lower the step size "
                  "(optimizer.alpha0 and optimizer.meta_lr for MetaOptimize, optimizer.lr otherwise), clip "
                  "gradients with trainer.grad_clip=1.0")
         if cfg.trainer.precision == "fp16":
             cause += ", or train in trainer.precision=bf16 (fp16 overflows)"
+    elif value == "0":
+        cause = ("the learned step size underflowed to 0, so the weights no longer move. Lower optimizer.meta_lr, "
+                 "or start lower with optimizer.alpha0 (a step size far too large is shrunk this fast)")
     else:
         cause = "the learned step size diverged. Lower optimizer.meta_lr, or start lower with optimizer.alpha0"
-    kept = "the last checkpoint" if os.path.exists(checkpoint_path) else "no checkpoint (none was due yet)"
-    return (f"{where}: {cause}. metrics.csv keeps every row up to here and the run folder keeps {kept}; "
-            "a changed override starts a fresh run folder.")
+    kept = ("the last checkpoint, from before this (a diverged state is never checkpointed)"
+            if os.path.exists(checkpoint_path) else "no checkpoint (none was due yet)")
+    return (f"{what} is {value} at step {step}: {cause}. metrics.csv keeps every row up to here and the run "
+            f"folder keeps {kept}; a changed override starts a fresh run folder.")
 
 
 def _any_rank(flag: bool, distributed: bool) -> bool:

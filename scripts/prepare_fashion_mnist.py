@@ -14,6 +14,7 @@ import os
 import shutil
 
 from metaopt.data.images import FASHION_MNIST_FILES
+from metaopt.files import atomic_write
 
 DEBIAN_SRC = "/usr/share/datasets/fashion-mnist"
 
@@ -26,9 +27,10 @@ def prepare(src: str, out: str) -> str:
     raw = os.path.join(out, "FashionMNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     for name in FASHION_MNIST_FILES:
+        # atomically: a killed copy leaves no partial file for the Makefile to take as prepared
         with (
             gzip.open(os.path.join(src, name + ".gz"), "rb") as packed,
-            open(os.path.join(raw, name), "wb") as unpacked,
+            atomic_write(os.path.join(raw, name), "wb") as unpacked,
         ):
             shutil.copyfileobj(packed, unpacked)
     return raw

@@ -385,3 +385,72 @@ def test_prepare_text_from_jsonl(tmp_path):
     out = tmp_path / "text" / "kjv.txt"
     load_script("prepare_text").main(["--out", str(out), "--jsonl", str(source)])
     assert out.read_text().splitlines() == verses
+
+
+# ---------------------------------------------------------------------------- damaged data files
+
+
+def test_a_truncated_jpeg_is_named_when_read(tmp_path):
+    """ImageFolder reads images lazily: the damaged file is named at its first use, in a worker too."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n01443537"):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / split / wnid / "a.JPEG")
+    damaged = tmp_path / "train" / "n01443537" / "a.JPEG"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    splits = imagenet(root=str(tmp_path), batch_size=2)
+    splits.train[0]  # the good image still reads
+    for workers in (0, 1):
+        with pytest.raises(OSError, match=rf"{damaged} cannot be read as an image \(OSError: .*\): replace it"):
+            list(DataLoader(splits.train, batch_size=2, num_workers=workers))
+
+
+def fashion_mnist_root(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_idx_gz(src, "train", rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), np.arange(12, dtype=np.uint8) % 10)
+    write_idx_gz(src, "t10k", rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.arange(5, dtype=np.uint8))
+    load_script("prepare_fashion_mnist").prepare(str(src), str(tmp_path / "fashion_mnist"))
+    return tmp_path / "fashion_mnist"
+
+
+@pytest.mark.parametrize(
+    "name, damage, problem",
+    [
+        ("train-labels-idx1-ubyte", lambda data: bytes(np.random.default_rng(1).integers(0, 256, len(data), dtype=np.uint8)),
+         "it does not start with the IDX header"),
+        ("train-images-idx3-ubyte", lambda data: data[: len(data) - 100], r"it holds 9324 bytes where its header \(12, 28, 28\) needs 9424"),
+        ("t10k-labels-idx1-ubyte", lambda data: data[:-1] + bytes([200]), "it holds the label 200, outside the 10 classes"),
+    ],
+)
+def test_a_damaged_fashion_mnist_file_is_named(tmp_path, name, damage, problem):
+    root = fashion_mnist_root(tmp_path)
+    path = root / "FashionMNIST" / "raw" / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=rf"(?s){path} is damaged: {problem}.*prepare_fashion_mnist.py"):
+        fashion_mnist(root=str(root))
+
+
+def test_a_tinystories_shard_with_a_token_outside_the_vocabulary_is_named(tmp_path):
+    (tmp_path / "tok512").mkdir()
+    np.ones(1000, dtype=np.uint16).tofile(tmp_path / "tok512" / "data00.bin")
+    tokens = np.ones(1000, dtype=np.uint16)
+    tokens[77] = 60000
+    tokens.tofile(tmp_path / "tok512" / "data01.bin")
+    shard = tmp_path / "tok512" / "data01.bin"
+    with pytest.raises(ValueError, match=rf"(?s){shard} holds token id 60000 at position 77, outside the vocabulary of "
+                                         r"512 .*--vocab-size 512"):
+        tinystories(root=str(tmp_path), max_seq_len=16, vocab_size=512)
+    shard.write_bytes(np.ones(1000, dtype=np.uint16).tobytes()[:-1])  # cut mid-token
+    with pytest.raises(ValueError, match=rf"{shard} holds 1999 bytes, not a whole number of uint16 tokens"):
+        tinystories(root=str(tmp_path), max_seq_len=16, vocab_size=512)
+
+
+def test_a_text_corpus_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("first line\nun caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{path} is not UTF-8 text: byte 0xe9 at offset 17 \(line 2\): invalid "
+                                         r"continuation byte. Convert the file, e.g. iconv"):
+        text_corpus(str(path), cache_dir=str(tmp_path / "cache"))

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from metaopt import checkpoint
 from metaopt.trainer import train
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.trainer_helpers import TINY, compose_train, computed_columns, finite, read_metrics
@@ -278,8 +279,8 @@ def test_cli_same_command_resumes_in_the_same_folder(tmp_path):
     subprocess.run([*command, f"run_root={reference}"], cwd=REPO, env=env, check=True)
     reference_dir = reference / run_dir.relative_to(tmp_path)
     assert computed_columns(read_metrics(run_dir)) == computed_columns(read_metrics(reference_dir))
-    a = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    b = torch.load(reference_dir / "checkpoint.pt", weights_only=True)
+    a = checkpoint.load(str(run_dir / "checkpoint.pt"))
+    b = checkpoint.load(str(reference_dir / "checkpoint.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from typing import NoReturn
 
 import numpy as np
 import sentencepiece as spm
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from metaopt.data.common import DataSplits, require
+from metaopt.files import atomic_write
 
 
 def train_tokenizer(text_file: str, model_prefix: str, vocab_size: int) -> str:
@@ -51,9 +53,8 @@ def write_tokens(tokens: np.ndarray, path: str) -> None:
     """Write tokens as a flat uint16 file, atomically, so that concurrent runs never read half a file."""
     if tokens.size and tokens.max() >= 2**16:
         raise ValueError(f"token id {tokens.max()} does not fit in uint16")
-    partial = f"{path}.{os.getpid()}.tmp"
-    tokens.astype(np.uint16).tofile(partial)
-    os.replace(partial, path)
+    with atomic_write(path, "wb") as f:
+        tokens.astype(np.uint16).tofile(f)
 
 
 def _utf8_bytes(text: str) -> np.ndarray:
@@ -61,13 +62,43 @@ def _utf8_bytes(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-class TokenWindows(Dataset):
-    """Non-overlapping windows of a flat uint16 token file: item i = (tokens[iT : iT+T], tokens[iT+1 : iT+T+1])."""
+def _raise_not_utf8(path: str) -> NoReturn:
+    """Name the first byte of ``path`` that is not UTF-8 (the text decoder's own error names neither file nor line)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path} is not UTF-8 text: byte {raw[error.start]:#04x} at offset {error.start} (line "
+                         f"{line}): {error.reason}. Convert the file, e.g. iconv -f latin1 -t utf-8 {path} > "
+                         "converted.txt, and pass that one as dataset.path") from None
 
-    def __init__(self, path: str, max_seq_len: int):
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of a flat uint16 token file: item i = (tokens[iT : iT+T], tokens[iT+1 : iT+T+1]).
+
+    With ``vocab_size``, every token id is checked to be below it (one pass over the file), so a
+    damaged file or one tokenised with another vocabulary is named here, not by an index error
+    in the embedding mid-run.
+    """
+
+    def __init__(self, path: str, max_seq_len: int, vocab_size: int | None = None, prepare: str = ""):
         self.path = path
         self.max_seq_len = max_seq_len
-        num_tokens = os.path.getsize(path) // 2
+        size = os.path.getsize(path)
+        again = f" Prepare it again with:\n    {prepare}" if prepare else ""
+        if size % 2:
+            raise ValueError(f"{path} holds {size} bytes, not a whole number of uint16 tokens: it is truncated "
+                             f"or not a token file.{again}")
+        if vocab_size is not None and size:
+            tokens = np.memmap(path, dtype=np.uint16, mode="r")
+            if int(tokens.max()) >= vocab_size:
+                position = int(np.argmax(tokens >= vocab_size))
+                raise ValueError(f"{path} holds token id {int(tokens[position])} at position {position}, outside the "
+                                 f"vocabulary of {vocab_size} (dataset.vocab_size): the file is damaged or was "
+                                 f"tokenised with another vocabulary.{again}")
+        num_tokens = size // 2
         self.num_windows = (num_tokens - 1) // max_seq_len  # each window needs one more token for its last target
         if self.num_windows < 1:
             raise ValueError(f"{path} holds {num_tokens} tokens, too few for one window of {max_seq_len} + 1")
@@ -110,8 +141,8 @@ def tinystories(
             f"{shard_dir} holds {len(shards)} data*.bin shards, need 2 or more. Prepare it with:\n    {prepare}"
         )
     return DataSplits(
-        train=ConcatDataset([TokenWindows(shard, max_seq_len) for shard in shards[1:]]),
-        test=TokenWindows(shards[0], max_seq_len),
+        train=ConcatDataset([TokenWindows(shard, max_seq_len, vocab_size, prepare) for shard in shards[1:]]),
+        test=TokenWindows(shards[0], max_seq_len, vocab_size, prepare),
         batch_size=batch_size,
         kind="language_model",
         model_kwargs={"vocab_size": vocab_size, "max_seq_len": max_seq_len},
@@ -136,8 +167,11 @@ def text_corpus(
     text, vocab_size and test_fraction, so a changed file or setting gets a fresh cache.
     """
     require(path, prepare=f"python scripts/prepare_text.py --out {path}   (or pass any UTF-8 text file)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        _raise_not_utf8(path)
     key = hashlib.sha1(f"{vocab_size} {test_fraction}\n{text}".encode()).hexdigest()[:12]
     cache = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
     train_bin, test_bin = os.path.join(cache, "train.bin"), os.path.join(cache, "test.bin")
@@ -163,8 +197,8 @@ def text_corpus(
         write_tokens(np.asarray(encode(test_text)), test_bin)
 
     return DataSplits(
-        train=TokenWindows(train_bin, max_seq_len),
-        test=TokenWindows(test_bin, max_seq_len),
+        train=TokenWindows(train_bin, max_seq_len, vocab_size, f"rm -r {cache}   (the next run rebuilds it)"),
+        test=TokenWindows(test_bin, max_seq_len, vocab_size, f"rm -r {cache}   (the next run rebuilds it)"),
         batch_size=batch_size,
         kind="language_model",
         model_kwargs={"vocab_size": vocab_size, "max_seq_len": max_seq_len},
