@@ -26,8 +26,8 @@ if not OmegaConf.has_resolver("path_join"):
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     result = train(cfg, HydraConfig.get().runtime.output_dir)
-    if result.summary["status"] == "stopped":
-        sys.exit(3)  # preempted or out of time: not finished, re-run to continue
+    if result.summary["status"] in ("preempted", "stopped"):
+        sys.exit(3)  # a stop signal or out of max_time: not finished, re-run (or requeue) to continue
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 it holds a checkpoint); data, model and optimizer; precision, compile and DDP; then the loop,
 which logs train loss / accuracy / step sizes every ``log_every`` steps, evaluates every
 ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked to stop
-(SIGTERM, SIGUSR1, ``max_time``), and stops with an explanation if the loss or a step size
+(SIGTERM, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss or a step size
 stops being finite. Every optimizer goes through the same adapter calls
 (metaopt/baselines.py); nothing here depends on which optimizer runs.
 
@@ -22,6 +22,7 @@ import random
 import resource
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -47,7 +48,11 @@ from metaopt.validation import check_config
 # Config sections a resumed run must share with its checkpoint (the rest may change: a
 # longer budget, another device, another logger).
 SAME_ON_RESUME = ("dataset", "model", "optimizer", "seed")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption notices (SLURM: --signal=USR1@120)
+# Preemption notices: SIGTERM (scontrol requeue, a preempting job, a time limit without warning),
+# SIGUSR1 (slurm/run.sbatch's --signal=B:USR1@120, forwarded by its trap) and SIGUSR2 (the
+# submitit launcher's --signal=USR2@signal_delay_s). The run checkpoints at the end of the current
+# step, then hands the signal to the handler that was installed before (submitit's requeue).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass
@@ -72,14 +77,15 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
     tcfg = cfg.trainer
 
     # -- processes and device ---------------------------------------------------------------
-    # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; every rank runs this same function.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # One process per rank, every rank running this same function: torchrun's processes, or
+    # the tasks of a SLURM job step (srun; the submitit launcher's tasks_per_node and nodes).
+    world_size, rank, local_rank, rendezvous = _process_layout()
     distributed = world_size > 1
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _pick_device(tcfg.device, local_rank if distributed else None)
     created_group = False
     if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
+                                rank=rank, world_size=world_size)
         created_group = True
     is_main = rank == 0
 
@@ -147,29 +153,35 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
         checkpoint.set_rng_state(state["rng"][rank % len(state["rng"])])
         step, elapsed_before = state["step"], state["elapsed_s"]
 
-    # -- the run folder's records: written once the run is set up, so a run that fails to
-    # start (a missing dataset, a bad keyword) leaves no record claiming it is running ------------
-    if is_main:
-        with files.atomic_write(os.path.join(run_dir, "config.yaml")) as f:
-            f.write(OmegaConf.to_yaml(config))
-        meta = run_metadata(cfg.seed, device, world_size)
-        meta["status"] = "running"
-        meta["resumed_at_step"] = None if state is None else state["step"]
-        write_json(meta, os.path.join(run_dir, "meta.json"))
+    # -- preemption: from here on a stop signal is recorded and acted on at the end of a step ---------
+    stops = _StopSignals()
+    try:
+        # -- logging -----------------------------------------------------------------------------
+        step_size_keys = list(adapter.step_sizes())
+        columns = ["step", "epoch", "time/elapsed_s", "train/loss", "train/acc", "test/loss", "test/acc",
+                   *step_size_keys, "time/step_ms", "time/optimizer_ms", "memory/peak_mb"]
+        log = None
+        if is_main:
+            name = os.path.relpath(run_dir, cfg.get("run_root", "."))
+            log = MetricsLog(run_dir, columns, csv_enabled=cfg.logger.csv, wandb=config["logger"]["wandb"],
+                             resume_step=None if state is None else step, config=config,
+                             name=name if not name.startswith("..") else os.path.basename(run_dir))
+            print(f"{run_dir}: {num_params:,} parameters, {total_steps} steps of {data.batch_size} "
+                  f"({steps_per_epoch} per epoch), {world_size} x {device}, {tcfg.precision}"
+                  + (f", resuming at step {step}" if state is not None else ""))
 
-    # -- logging ---------------------------------------------------------------------------------
-    step_size_keys = list(adapter.step_sizes())
-    columns = ["step", "epoch", "time/elapsed_s", "train/loss", "train/acc", "test/loss", "test/acc",
-               *step_size_keys, "time/step_ms", "time/optimizer_ms", "memory/peak_mb"]
-    log = None
-    if is_main:
-        name = os.path.relpath(run_dir, cfg.get("run_root", "."))
-        log = MetricsLog(run_dir, columns, csv_enabled=cfg.logger.csv, wandb=config["logger"]["wandb"],
-                         resume_step=None if state is None else step, config=config,
-                         name=name if not name.startswith("..") else os.path.basename(run_dir))
-        print(f"{run_dir}: {num_params:,} parameters, {total_steps} steps of {data.batch_size} "
-              f"({steps_per_epoch} per epoch), {world_size} x {device}, {tcfg.precision}"
-              + (f", resuming at step {step}" if state is not None else ""))
+        # -- the run folder's records: written once the run is set up (logger and W&B included), so
+        # a run that fails to start (a missing dataset, a bad keyword) leaves no record claiming it runs
+        if is_main:
+            with files.atomic_write(os.path.join(run_dir, "config.yaml")) as f:
+                f.write(OmegaConf.to_yaml(config))
+            meta = run_metadata(cfg.seed, device, world_size)
+            meta["status"] = "running"
+            meta["resumed_at_step"] = None if state is None else state["step"]
+            write_json(meta, os.path.join(run_dir, "meta.json"))
+    except BaseException:
+        stops.restore()
+        raise
 
     def evaluate() -> dict[str, float]:
         """Test loss and accuracy; each rank evaluates its share of the test batches."""
@@ -207,14 +219,6 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
             if log is not None:
                 log.sync()  # the rows up to this step reach the disk before the checkpoint that counts on them
             checkpoint.save(payload, checkpoint_path)
-
-    # Preemption: the handler only records the request; the loop checkpoints at the end of
-    # the current step, so the checkpoint never holds half a step.
-    stop_requested: list[str] = []
-    previous_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in STOP_SIGNALS:
-            previous_handlers[signum] = signal.signal(signum, lambda s, _: stop_requested.append(signal.Signals(s).name))
 
     # -- the loop ----------------------------------------------------------------------------------
     timer = _StepTimer(device)
@@ -280,52 +284,63 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
             # agreed on at logging steps only (one small all-reduce, no per-step sync).
             if not distributed or step % tcfg.log_every == 0:
                 out_of_time = tcfg.max_time is not None and time.time() - started > tcfg.max_time
-                if _any_rank(bool(stop_requested) or out_of_time, distributed) and step < total_steps:
+                if _any_rank(bool(stops.received) or out_of_time, distributed) and step < total_steps:
                     save_checkpoint(finished=False)
-                    status = "stopped"
+                    # preempted: a signal (on any rank); stopped: out of this job's max_time
+                    status = "preempted" if stops.received or not out_of_time else "stopped"
                     if is_main:
-                        reason = stop_requested[0] if stop_requested else f"max_time of {tcfg.max_time} s"
-                        print(f"\n{reason}: checkpointed at step {step}; run the same command again to continue")
+                        reason = stops.name or ("another rank's signal" if status == "preempted"
+                                                else f"max_time of {tcfg.max_time} s")
+                        then = ("passing the signal on to the handler from before the run (submitit's)"
+                                if stops.hands_over else "run the same command again to continue")
+                        print(f"\n{reason}: checkpointed at step {step}; {then}", flush=True)
                     break
             if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(finished=False)
         if status == "running":
             status = "finished"
+
+        # -- finish ----------------------------------------------------------------------------------
+        # Time per step: the median over logged windows, leaving out the first (warm-up, compilation).
+        timed = windows_ms[1:] or windows_ms
+        summary = {
+            "status": status,
+            "step": step,
+            **{k: last_row[k] for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in last_row},
+            **{k: last_row[k] for k in step_size_keys if k in last_row},
+            "time/step_ms": statistics.median(ms for ms, _ in timed) if timed else None,
+            "time/optimizer_ms": statistics.median(ms for _, ms in timed) if timed else None,
+            "memory/peak_mb": _peak_memory_mb(device),
+            "wall_s": elapsed_before + time.time() - started,
+        }
+        if status == "finished":  # the last checkpoint, with the stop signals still caught
+            save_checkpoint(finished=True, summary=summary)
     except BaseException:
         status = "failed"
         raise
     finally:
         progress.close()
         adapter.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
         if log is not None:
             log.close()
+        # meta.json says "finished" only once the final checkpoint is written, "preempted" (and
+        # the step) while a stopped job waits for its requeue
         if is_main:
             meta_path = os.path.join(run_dir, "meta.json")
-            write_json({**_read_json(meta_path), "status": status}, meta_path)
+            record = {"status": status, "step": step}
+            if status == "finished":
+                record["summary"] = summary
+            if status == "preempted":
+                record["signal"] = stops.name
+            write_json({**_read_json(meta_path), **record}, meta_path)
+        stops.restore()
 
-    # -- finish --------------------------------------------------------------------------------------
-    # Time per step: the median over logged windows, leaving out the first (warm-up, compilation).
-    timed = windows_ms[1:] or windows_ms
-    summary = {
-        "status": status,
-        "step": step,
-        **{k: last_row[k] for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in last_row},
-        **{k: last_row[k] for k in step_size_keys if k in last_row},
-        "time/step_ms": statistics.median(ms for ms, _ in timed) if timed else None,
-        "time/optimizer_ms": statistics.median(ms for _, ms in timed) if timed else None,
-        "memory/peak_mb": _peak_memory_mb(device),
-        "wall_s": elapsed_before + time.time() - started,
-    }
-    if status == "finished":
-        save_checkpoint(finished=True, summary=summary)
-        if is_main:
-            write_json({**_read_json(os.path.join(run_dir, "meta.json")), "summary": summary},
-                       os.path.join(run_dir, "meta.json"))
-            print(f"{run_dir}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.items() if k != "status"))
+    if is_main and status == "finished":
+        print(f"{run_dir}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.items() if k != "status"))
     if created_group:
         dist.destroy_process_group()
+    if status == "preempted":
+        stops.hand_over()  # submitit's handler requeues the job and exits
     return TrainResult(summary, model, adapter)
 
 
@@ -352,8 +367,33 @@ def _build(node: DictConfig, **kwargs: Any) -> Any:
         raise error.__cause__ from None
 
 
+def _process_layout() -> tuple[int, int, int, str | None]:
+    """(world size, rank, local rank, rendezvous URL or None for torchrun's env://) of this process.
+
+    torchrun (or whatever sets WORLD_SIZE, such as submitit's TorchDistributedEnvironment().export())
+    comes first. Otherwise the tasks of a SLURM job step are the ranks (SLURM_STEP_NUM_TASKS,
+    SLURM_PROCID, SLURM_LOCALID), meeting on the step's first node (MASTER_ADDR if set) at
+    MASTER_PORT or a port drawn from the job id. A batch script's own shell is no such step, so a
+    run started there without srun is one process, whatever --ntasks says.
+    """
+    if "WORLD_SIZE" in os.environ:
+        return (int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", "0")),
+                int(os.environ.get("LOCAL_RANK", "0")), None)
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if tasks == 1:
+        return 1, 0, 0, None
+    address = os.environ.get("MASTER_ADDR")
+    if address is None:
+        nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_STEP_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        address = nodes[0]
+    port = int(os.environ.get("MASTER_PORT", 20000 + int(os.environ["SLURM_JOB_ID"]) % 40000))
+    return tasks, int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_LOCALID"]), f"tcp://{address}:{port}"
+
+
 def _pick_device(name: str, local_rank: int | None) -> torch.device:
-    """The device of this process; under torchrun, GPU number LOCAL_RANK."""
+    """The device of this process; with several processes per node, GPU number LOCAL_RANK of
+    those it sees (the one it sees, where SLURM binds one GPU to each task)."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -366,7 +406,7 @@ def _pick_device(name: str, local_rank: int | None) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto")
         if local_rank is not None:
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
         elif device.index is None:
             device = torch.device("cuda", 0)
         torch.cuda.set_device(device)  # NCCL and torch.cuda.* calls use the current device
@@ -526,6 +566,43 @@ def _divergence_message(what: str, value: str, step: int, cfg: DictConfig, check
             if os.path.exists(checkpoint_path) else "no checkpoint (none was due yet)")
     return (f"{what} is {value} at step {step}: {cause}. metrics.csv keeps every row up to here and the run "
             f"folder keeps {kept}; a changed override starts a fresh run folder.")
+
+
+class _StopSignals:
+    """Catches the preemption signals (STOP_SIGNALS) from its creation to ``restore()``.
+
+    The handler only records a signal: the loop checkpoints at the end of the current step, so
+    a checkpoint never holds half a step. ``hand_over()`` then passes the first signal to the
+    handler that was there before, where that is a Python function: submitit's, which requeues
+    the job (SIGUSR2) or logs the signal (SIGTERM). The default action or an ignored signal is
+    not passed on: a run outside submitit returns and exits with status 3.
+    """
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.received[0]).name if self.received else None
+
+    @property
+    def hands_over(self) -> bool:
+        return bool(self.received) and callable(self.previous.get(self.received[0]))
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def hand_over(self) -> None:
+        if self.hands_over:
+            self.previous[self.received[0]](self.received[0], None)
 
 
 def _any_rank(flag: bool, distributed: bool) -> bool:

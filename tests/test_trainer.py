@@ -30,8 +30,8 @@ def long_run(*overrides: str) -> list[str]:
             "trainer.checkpoint_every=100", *overrides]
 
 
-def sigterm_when_logged(run_dir: Path, step: int) -> threading.Thread:
-    """SIGTERM this process once metrics.csv shows `step`, as a scheduler's preemption would."""
+def sigterm_when_logged(run_dir: Path, step: int, signum: int = signal.SIGTERM) -> threading.Thread:
+    """SIGTERM (or `signum`) this process once metrics.csv shows `step`, as a scheduler's preemption would."""
 
     def watch():
         deadline = time.time() + 120
@@ -41,7 +41,7 @@ def sigterm_when_logged(run_dir: Path, step: int) -> threading.Thread:
             except (FileNotFoundError, ValueError, KeyError):
                 rows = []
             if any(row.get("step", "").isdigit() and int(row["step"]) >= step for row in rows):
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
                 return
             time.sleep(0.002)
 
@@ -99,14 +99,67 @@ def test_resume_after_sigterm_is_bit_identical(case, tmp_path):
 
     run_dir = tmp_path / "preempted"
     stopped = train_until_preempted(cfg, run_dir)
-    assert stopped.summary["status"] == "stopped"
+    assert stopped.summary["status"] == "preempted"
     assert 20 <= stopped.summary["step"] < 300, "the run was not stopped mid-way"
-    assert json.loads((run_dir / "meta.json").read_text())["status"] == "stopped"
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert (meta["status"], meta["step"], meta["signal"]) == ("preempted", stopped.summary["step"], "SIGTERM")
 
     resumed = train(cfg, str(run_dir))  # the same command again
     assert resumed.summary["status"] == "finished" and resumed.summary["step"] == 300
     assert computed_columns(read_metrics(run_dir)) == computed_columns(read_metrics(tmp_path / "reference"))
     assert_same_state(resumed, reference)
+
+
+def test_sigusr2_checkpoints_then_reaches_the_handler_installed_before(tmp_path):
+    """submitit's SIGUSR2 (a sweep task's time limit): the run checkpoints at the end of the
+    current step and records "preempted", then the handler that was there before (submitit's
+    requeue) gets the signal, once; the run resumes from that step."""
+    cfg = compose_train(*long_run("optimizer=metaopt_sgdm_adam"))
+    run_dir = tmp_path / "preempted"
+    seen = []
+
+    def requeue(signum, frame):  # what submitit's handler finds when the trainer hands over
+        meta = json.loads((run_dir / "meta.json").read_text())
+        seen.append((signal.Signals(signum).name, meta["status"], meta["step"]))
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        watcher = sigterm_when_logged(run_dir, step=20, signum=signal.SIGUSR2)
+        stopped = train(cfg, str(run_dir))
+        watcher.join()
+        assert signal.getsignal(signal.SIGUSR2) is requeue  # restored
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert stopped.summary["status"] == "preempted" and 20 <= stopped.summary["step"] < 100
+    assert seen == [("SIGUSR2", "preempted", stopped.summary["step"])]
+    resumed = train(cfg, str(run_dir))
+    assert resumed.summary["step"] == 300
+    reference = train(cfg, str(tmp_path / "reference"))
+    assert computed_columns(read_metrics(run_dir)) == computed_columns(read_metrics(tmp_path / "reference"))
+    assert_same_state(resumed, reference)
+
+
+def test_a_signal_at_the_end_is_caught_until_the_run_is_recorded_finished(tmp_path):
+    """A SIGTERM as the last step is logged lands in the trainer's handler, while the final
+    checkpoint and meta.json are written; whatever handler comes after finds both finished."""
+    cfg = compose_train(*long_run("optimizer=metaopt_sgdm_adam"))
+    seen = []
+
+    def after(signum, frame):
+        meta = json.loads((tmp_path / "meta.json").read_text())
+        seen.append((meta["status"], checkpoint.load(str(tmp_path / "checkpoint.pt"))["finished"]))
+
+    previous = signal.signal(signal.SIGTERM, after)
+    try:
+        watcher = sigterm_when_logged(tmp_path, step=300)
+        result = train(cfg, str(tmp_path))
+        watcher.join()
+        time.sleep(0.1)  # a signal sent after train() returned reaches `after` here
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.summary["status"] == "finished"
+    assert json.loads((tmp_path / "meta.json").read_text())["status"] == "finished"
+    assert all(record == ("finished", True) for record in seen), seen
 
 
 def test_resume_restores_the_random_number_generators(tmp_path):
