@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,6 +190,27 @@ def test_a_diverged_state_never_replaces_the_last_good_checkpoint(tmp_path):
     kept = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert kept["step"] == diverged_at - 1 >= 1
     assert checkpoint.first_non_finite(kept["model"]) is None and checkpoint.first_non_finite(kept["optimizer"]) is None
+    assert json.loads((tmp_path / "meta.json").read_text())["status"] == "failed"
+
+
+def test_a_stop_signal_after_divergence_between_logged_rows_writes_no_checkpoint(tmp_path):
+    """SIGTERM once the weights are NaN but before any row shows it: the stop checkpoint is refused."""
+    cfg = compose_train(*TINY, "optimizer=adamw", "optimizer.lr=1e30", "trainer.max_steps=1000000",
+                        "trainer.log_every=1000000", "trainer.eval_every=0", "trainer.checkpoint_every=0")
+
+    def sigterm_once_training():
+        while not (tmp_path / "meta.json").exists():
+            time.sleep(0.01)
+        time.sleep(1.0)  # hundreds of steps: the weights diverged after the first few
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=sigterm_once_training, daemon=True)
+    watcher.start()
+    with pytest.raises(FloatingPointError, match=r"weight \S+ is not finite at step \d+: training diverged.*keeps no "
+                                                  r"checkpoint \(none was due yet\)"):
+        train(cfg, str(tmp_path))
+    watcher.join()
+    assert not (tmp_path / "checkpoint.pt").exists()
     assert json.loads((tmp_path / "meta.json").read_text())["status"] == "failed"
 
 
