@@ -540,10 +540,11 @@ def _diverged(row: dict[str, Any], zero_step_size_planned: bool) -> tuple[str, s
 def _non_finite_state(payload: dict[str, Any], step_sizes: dict[str, float]) -> tuple[str, str] | None:
     """(what, is what) for the first weight, optimizer state, train-loss sum or step size of a
     checkpoint that is NaN or infinite."""
-    for part, name in (("model", "weight"), ("optimizer", "optimizer state"), ("window", "train loss sum")):
+    for part, name in (("model", "weight {}"), ("optimizer", "optimizer state {}"),
+                       ("window", "train/{} summed since the last logged row")):
         found = checkpoint.first_non_finite(payload[part])
         if found is not None:
-            return f"{name} {found}", "not finite"
+            return name.format(found), "not finite"
     for key, value in step_sizes.items():
         if not math.isfinite(value):
             return key, str(value)
