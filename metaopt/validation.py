@@ -89,7 +89,7 @@ TRAINER = {
 
 # conf/logger/*.yaml
 LOGGER = {"csv": Setting("bool")}  # and wandb: null, or the settings below
-WANDB_MODES = ("online", "offline", "disabled", "shared")
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # what wandb.init accepts
 WANDB = {
     "project": Setting("str"),
     "entity": Setting("str", nullable=True),
