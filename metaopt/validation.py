@@ -1,4 +1,4 @@
-"""Every trainer, logger and dataset value of a composed config, checked before a run does any work.
+"""Every trainer, logger, dataset and model value of a composed config, checked before a run does any work.
 
 ``check_config(cfg)`` runs first in ``train``: before the run folder is created, data is read or
 a model is built. Each error names the key, the value it got and what is allowed, and a key
@@ -112,6 +112,21 @@ DATASET = {
 }
 
 
+# The keywords of the model builders (metaopt/models/), as for the datasets.
+MODEL = {
+    "dim": Setting("int", low=1),
+    "n_layers": Setting("int", low=1),
+    "n_heads": Setting("int", low=1),
+    "n_kv_heads": Setting("int", low=1, nullable=True, meaning="null: n_heads"),
+    "multiple_of": Setting("int", low=1),
+    "norm_eps": Setting("number", low=0, low_open=True),
+    "dropout": Setting("number", low=0, high=1, high_open=True),
+    "width": Setting("int", low=1),
+    "hidden": Setting("list"),
+    "channels": Setting("list"),
+}
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ValueError naming the first key whose value is not allowed, or that nothing reads."""
     _check_section(cfg.trainer, "trainer", TRAINER, "conf/trainer/default.yaml")
@@ -131,6 +146,7 @@ def check_config(cfg: DictConfig) -> None:
                              f"{WANDB['mode'].allowed()}")
 
     _check_builder(cfg.dataset, "dataset", DATASET)
+    _check_builder(cfg.model, "model", MODEL)
 
 
 def _check_section(section: Any, prefix: str, settings: dict[str, Setting], defined_in: str) -> None:

@@ -1,4 +1,4 @@
-"""Bad trainer, logger and dataset values stop a run before it does any work, naming the key,
+"""Bad trainer, logger, dataset and model values stop a run before it does any work, naming the key,
 the value and what is allowed."""
 
 import os
@@ -36,6 +36,9 @@ BAD_VALUES = {
     "dataset.batch_size=-1": r"dataset.batch_size=-1 is not allowed",
     "dataset.test_fraction=1.5": r"dataset.test_fraction=1.5 is not allowed: .* a number in \(0, 1\)",
     "+dataset.batchsize=8": r"dataset.batchsize is not a setting .*Did you mean dataset.batch_size\?.*metaopt.data.digits",
+    "+model.hiden=[64]": r"model.hiden is not a setting .*Did you mean model.hidden\?.*metaopt.models.mlp",
+    "model=llama2c model.dropout=1.0": r"model.dropout=1.0 is not allowed: .* a number in \[0, 1\)",
+    "model=llama2c model.n_heads=0": r"model.n_heads=0 is not allowed: .* an integer >= 1",
     "seed=abc": r"seed='abc' \(str\) is not allowed: seed must be an integer",
     "logger=wandb logger.wandb.mode=offlin": r"logger.wandb.mode='offlin' \(str\) is not allowed: .* one of online, "
                                              r"offline, disabled, shared",
