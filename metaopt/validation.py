@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class Setting:
             return value in self.choices
         kind_ok = {
             "int": isinstance(value, int) and not isinstance(value, bool),
-            "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
             "bool": isinstance(value, bool),
             "str": isinstance(value, str),
             "list": isinstance(value, (list, tuple)),
@@ -57,7 +58,7 @@ class Setting:
         if self.choices:
             text = "one of " + ", ".join(str(choice) for choice in self.choices)
         else:
-            text = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
+            text = {"int": "an integer", "number": "a finite number", "bool": "true or false", "str": "a string",
                     "list": "a list"}[self.kind]
             if self.low is not None and self.high is not None:
                 text += f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
