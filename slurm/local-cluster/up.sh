@@ -24,13 +24,15 @@ fi
 
 # munge: the package generated /etc/munge/munge.key
 mkdir -p /run/munge && chown munge:munge /run/munge && chmod 0755 /run/munge
-runuser -u munge -- /usr/sbin/munged
+munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || runuser -u munge -- /usr/sbin/munged
 munge -n | unmunge >/dev/null
 
 # MariaDB, the store of slurmdbd
 mkdir -p /run/mysqld && chown mysql:root /run/mysqld
-nohup /usr/sbin/mariadbd --user=mysql --innodb-buffer-pool-size=64M >/var/log/mariadbd-slurm-local.log 2>&1 &
-echo $! >/run/mariadbd-slurm-local.pid
+if ! mariadb -u root -e 'select 1' >/dev/null 2>&1; then
+    nohup /usr/sbin/mariadbd --user=mysql --innodb-buffer-pool-size=64M >/var/log/mariadbd-slurm-local.log 2>&1 &
+    echo $! >/run/mariadbd-slurm-local.pid
+fi
 for _ in $(seq 30); do mariadb -u root -e 'select 1' >/dev/null 2>&1 && break; sleep 1; done
 mariadb -u root -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurmdbpass';
   GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
