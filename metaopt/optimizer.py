@@ -52,12 +52,17 @@ def _is_meta_key(key: str) -> bool:
     still learns its step sizes precisely: the step counters and the whole meta state."""
     return key in ("step", "beta") or key.startswith("meta_")
 
+# The keys each block takes from one param group (its meta group): the block's initial step size
+# and its meta update. Groups that share a block must agree on them.
+BLOCK_KEYS = ("alpha0", "meta_lr", "meta_weight_decay", "meta_momentum", "meta_normalizer", "meta_lion_interp", "meta_eps")
+# alpha0 outside this range under- or overflows exp(beta) in float32 at once (step size 0 or inf)
+ALPHA0_RANGE = (1e-30, 1e3)
 _RANGES = {
-    # keyword: (lowest allowed, highest allowed, whether the highest is allowed)
+    # keyword: (lowest allowed, highest allowed, whether the highest is allowed); eps must be > 0
     "momentum": (0.0, 1.0, False),
     "normalizer": (0.0, 1.0, False),
     "lion_interp": (0.0, 1.0, True),
-    "eps": (0.0, math.inf, False),
+    "eps": (math.ulp(0.0), math.inf, False),
     "weight_decay": (0.0, math.inf, False),
     "gamma": (0.0, 1.0, True),
     "meta_lr": (0.0, math.inf, False),
@@ -111,7 +116,8 @@ class MetaOptimize(Optimizer):
         blocks: which weights share a step size: ``"scalar"`` (all), ``"param_group"``
             (each group, or each ``block`` name), ``"layerwise"`` (each tensor),
             ``"nodewise"`` (each output unit: a row of a weight together with the matching
-            bias entry), ``"weightwise"`` (each weight).
+            bias entry), ``"weightwise"`` (each weight). Groups that share a block must agree on
+            its ``alpha0`` and meta hyper-parameters (``ValueError`` otherwise).
         lr: multiplies the learned step size (default 1.0), so that ``torch.optim.lr_scheduler``
             warm-ups and decays compose with it; the trace uses the product.
         alpha0 (:math:`\alpha_0`): initial step size of every block (default 1e-6).
@@ -137,6 +143,12 @@ class MetaOptimize(Optimizer):
             keeps the Hessian term and the traces of the base moments: docs/algorithm.md, see
             :mod:`metaopt.exact`; :meth:`step` then needs a closure that calls
             ``loss.backward(create_graph=True)``), or a :class:`metaopt.exact.Approximation`.
+
+        skip_nonfinite: if a gradient holds a NaN or an infinity, skip the whole step (weights,
+            moments, traces and step sizes keep their values), as ``torch.amp.GradScaler`` does,
+            without reading anything back to the host; costs one copy of the weights and the
+            optimizer state per step. Without it (the default) one non-finite gradient entry makes
+            the weights and the step sizes non-finite: the trainer of this repository stops there.
 
     A keyword that the chosen base or meta rule does not use raises ``ValueError``.
 
@@ -176,6 +188,7 @@ class MetaOptimize(Optimizer):
         meta_weight_decay: float = 0.0,
         kernel: str = "foreach",
         approx: str | exact.Approximation = "hessian_free",
+        skip_nonfinite: bool = False,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}: variant must be one of {list(VARIANTS)}")
@@ -193,6 +206,10 @@ class MetaOptimize(Optimizer):
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: kernel must be one of {list(KERNELS)}")
         self.base, self.meta, self.blocks, self.kernel, self.variant = base, meta, blocks, kernel, variant
+        if skip_nonfinite and approx != "hessian_free":
+            raise ValueError("skip_nonfinite=True is implemented for approx='hessian_free'; check the loss in your "
+                             "closure instead for approx='l' or '2x2'")
+        self.skip_nonfinite = skip_nonfinite
         self.meta_rule = RULES[meta_rules[meta]]
         self.approx = exact.resolve(approx, blocks)
 
@@ -245,15 +262,25 @@ class MetaOptimize(Optimizer):
     def _check(self, hyperparameters: dict[str, Any], where: str) -> None:
         """Raise ValueError naming the argument and its allowed values."""
         alpha0 = hyperparameters.get("alpha0")
-        if alpha0 is not None and not (isinstance(alpha0, (int, float)) and 0 < alpha0 < math.inf):
-            raise ValueError(f"alpha0{where} must be a finite number > 0, got {alpha0!r}")
+        low, high = ALPHA0_RANGE
+        if alpha0 is not None and not (
+            isinstance(alpha0, (int, float)) and not isinstance(alpha0, bool) and low <= alpha0 <= high
+        ):
+            raise ValueError(
+                f"alpha0{where} must be a number in [{low}, {high}] (outside it exp(beta) is 0 or inf in float32), "
+                f"got {alpha0!r}"
+            )
         for key, value in hyperparameters.items():
             name = key[len("meta_") :] if key.startswith("meta_") and key != "meta_lr" else key
             if name not in _RANGES or isinstance(value, Tensor):
                 continue
             low, high, high_allowed = _RANGES[name]
-            if not isinstance(value, (int, float)) or not (low <= value < high or (high_allowed and value == high)):
-                interval = f"[{low}, {high}{']' if high_allowed else ')'}"
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not (low <= value < high or (high_allowed and value == high))
+            ):
+                interval = f"({0.0}, {high})" if name == "eps" else f"[{low}, {high}{']' if high_allowed else ')'}"
                 raise ValueError(f"{key}{where} must be in {interval}, got {value!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -265,9 +292,16 @@ class MetaOptimize(Optimizer):
         for key in param_group.keys() & rule_keys:
             if key not in self.defaults:
                 raise ValueError(self._not_applicable(key) + f" (set in param group {len(self.param_groups)})")
+        unknown = set(param_group) - set(self.defaults) - {"params", "param_names", "block"}
+        if unknown:
+            raise ValueError(
+                f"param group {len(self.param_groups)} sets {sorted(unknown)}, which MetaOptimize(base={self._base_name()!r}, "
+                f"meta={self.meta!r}) does not use; a group may set {sorted(self.defaults)} and 'block'"
+            )
         self._check(param_group, f" of param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         self._block_layout = self._build_layout()
+        self._check_shared_blocks()
         self._kernels.append(KERNELS[self.kernel]())
 
     # -- pickling and checkpoints ---------------------------------------------------------
@@ -280,6 +314,7 @@ class MetaOptimize(Optimizer):
             "blocks": self.blocks,
             "kernel": self.kernel,
             "variant": self.variant,
+            "skip_nonfinite": self.skip_nonfinite,
             "approx": self.approx,
             "base_rule": self.base_rule,
             "meta_rule": self.meta_rule,
@@ -291,6 +326,7 @@ class MetaOptimize(Optimizer):
         self.__dict__.setdefault("kernel", "foreach")
         self.__dict__.setdefault("blocks", "scalar")
         self.__dict__.setdefault("variant", "standard")
+        self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("approx", exact.Approximation())
         self._block_layout = self._build_layout()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
@@ -306,8 +342,24 @@ class MetaOptimize(Optimizer):
         """Load a :meth:`state_dict`; the meta state keeps its float32 precision and moves to the params' device."""
         saved = state_dict.get("metaoptimize")
         current = self._configuration()
-        if saved is not None and saved != current:
+        if saved is None:
+            raise ValueError(
+                "this state dict was not saved by MetaOptimize (it has no 'metaoptimize' entry): load it into the "
+                f"optimizer that saved it; MetaOptimize({current}) can only resume its own state_dict()"
+            )
+        if saved != current:
             raise ValueError(f"this checkpoint was saved by MetaOptimize({saved}), not MetaOptimize({current})")
+        saved_params = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        own_params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for index, p in zip(saved_params, own_params):
+            for key, value in state_dict["state"].get(index, {}).items():
+                # a trace of approx "l" / "2x2" has a leading dimension of blocks: compare the trailing ones
+                shape = tuple(value.shape[max(0, value.dim() - p.dim()):])
+                if key in ("trace", *self.base_rule.moment_names) and (value.dim() < p.dim() or shape != tuple(p.shape)):
+                    raise ValueError(
+                        f"this checkpoint's state {key!r} of parameter {index} has shape {tuple(value.shape)}, but the "
+                        f"parameter has shape {tuple(p.shape)}: it was saved for another model"
+                    )
         # torch casts every state tensor to its parameter's dtype; keep the meta keys aside
         # so that a bf16 model does not round its step sizes, and restore them afterwards.
         exact, state = {}, {}
@@ -373,6 +425,21 @@ class MetaOptimize(Optimizer):
             layout[key] = block._replace(number=numbers.setdefault(owner, len(numbers)))
         return layout
 
+    def _check_shared_blocks(self) -> None:
+        """A block takes alpha0 and its meta hyper-parameters from one group: refuse a group whose
+        own values would be ignored, rather than ignore them."""
+        for block in self._block_layout.values():
+            group, meta_group = self.param_groups[block.group], self.param_groups[block.meta_group]
+            for key in BLOCK_KEYS:
+                if key in group and group[key] != meta_group[key]:
+                    shared = {"scalar": "one step size for all groups", "param_group": "one step size per block name",
+                              "nodewise": "a bias's step sizes with its weight's rows"}[self.blocks]
+                    raise ValueError(
+                        f"param group {block.group} sets {key}={group[key]!r} but shares its step sizes with param "
+                        f"group {block.meta_group} ({key}={meta_group[key]!r}): blocks={self.blocks!r} learns {shared}. "
+                        f"Give the groups the same {key}, or use blocks='param_group' with distinct 'block' names"
+                    )
+
     def _owner_state(self, owner) -> dict[str, Any]:
         return self.param_groups[owner] if isinstance(owner, int) else self.state[owner]
 
@@ -420,6 +487,42 @@ class MetaOptimize(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_nonfinite:
+            self._step_unless_nonfinite()
+        else:
+            self._hessian_free_step()
+        return loss
+
+    def _step_unless_nonfinite(self) -> None:
+        """The step, then every tensor it wrote put back where a gradient was not finite (no host sync)."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        self._init_states(params)  # so that the lazily created state is in the copy
+        finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
+        written = list(params)
+        for p in params:
+            written += [value for value in self.state[p].values() if isinstance(value, Tensor)]
+        for group in self.param_groups:
+            written += [value for key, value in group.items() if _is_meta_key(key) and isinstance(value, Tensor)]
+        before = [tensor.clone() for tensor in written]
+        self._hessian_free_step()
+        for tensor, old in zip(written, before):
+            tensor.copy_(torch.where(finite, tensor, old))
+
+    def _init_states(self, params: list[Tensor]) -> None:
+        """The state of each parameter and of its block, created at the parameter's first step."""
+        for p in params:
+            state = self.state[p]
+            if "trace" not in state:
+                self._init_param(p, state)
+            block = self._layout()[id(p)]
+            owner_state = self._owner_state(block.owner)
+            if "beta" not in owner_state:
+                alpha0 = self.param_groups[block.meta_group]["alpha0"]
+                self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
+
+    def _hessian_free_step(self) -> None:
         layout = self._layout()
         # The step size of each block in each param group that uses it, and each block's
         # meta-gradient terms (by block number), summed after the loop.
@@ -429,16 +532,12 @@ class MetaOptimize(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            self._init_states(params)
             states, step_sizes, view_shapes, owners = [], [], [], []
             for p in params:
                 state = self.state[p]
-                if "trace" not in state:
-                    self._init_param(p, state)
                 block = layout[id(p)]
                 owner_state = self._owner_state(block.owner)
-                if "beta" not in owner_state:
-                    alpha0 = self.param_groups[block.meta_group]["alpha0"]
-                    self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
                 key = (block.number, index, block.view_shape)
                 if key not in step_sizes_of:
                     step_sizes_of[key] = (group["lr"] * torch.exp(owner_state["beta"])).view(block.view_shape)
@@ -484,7 +583,6 @@ class MetaOptimize(Optimizer):
                 meta_lr=group["meta_lr"],
                 meta_weight_decay=group["meta_weight_decay"],
             )
-        return loss
 
     # -- reading the step sizes -----------------------------------------------------------
 

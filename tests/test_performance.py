@@ -65,6 +65,18 @@ def test_step_reads_nothing_back(base, meta, blocks, kernel):
             optimizer.step()
 
 
+def test_skipping_a_nonfinite_step_reads_nothing_back():
+    model = make_model()
+    optimizer = MetaOptimize(model.parameters(), "adamw", "lion", "layerwise", skip_nonfinite=True)
+    for t in range(3):
+        optimizer.zero_grad()
+        backward(model, t)
+        next(model.parameters()).grad.view(-1)[0] = float("nan") if t == 1 else 0.0
+        with NoReadBack():
+            optimizer.step()
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("kernel", ["foreach", "compiled"])
 @pytest.mark.parametrize("base,meta,blocks", [("adamw", "lion", "scalar"), ("lion", "lion", "nodewise")])
