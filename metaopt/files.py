@@ -10,11 +10,14 @@ temporaries that killed writers leave behind.
 ``RunLock`` is an exclusive ``flock`` on ``<run folder>/run.lock`` holding the owner's PID and
 host: a second process on the same folder stops at once naming them. The kernel drops the
 lock when its process dies, however it dies, so a stale lock is taken over by the next run.
+A file system that cannot lock (NFS mounted with ``nolock``, Lustre without ``flock``) stops the
+run before it starts, naming the folder, rather than leaving the folder unguarded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import os
@@ -70,6 +73,10 @@ class RunFolderInUse(RuntimeError):
     """Another live process holds the run folder's lock."""
 
 
+class LockingUnsupported(RuntimeError):
+    """The run folder's file system cannot lock files."""
+
+
 class RunLock:
     """An exclusive lock on a run folder for the life of a ``with`` block (see the module docstring)."""
 
@@ -92,6 +99,16 @@ class RunLock:
                 "on that host; it checkpoints) and run this command again to continue it; to run a second copy, "
                 "use another run_root or seed."
             ) from None
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            raise LockingUnsupported(
+                f"cannot lock {self.path}: its file system does not support flock ({error.strerror}), and "
+                "without the lock two processes could write one run folder at once. Put the runs on a file "
+                "system that locks: run_root=<a local disk, or a network file system mounted with locking, "
+                "e.g. NFS without 'nolock', Lustre with 'flock'>"
+            ) from error
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self.descriptor = descriptor

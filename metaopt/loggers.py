@@ -6,6 +6,13 @@ first drops the rows written after its checkpoint, so the file ends up exactly a
 uninterrupted run would have written it. That trimmed copy replaces the file atomically
 (metaopt/files.py), and a last line torn by a kill is dropped with the rows after the
 checkpoint, so no kill at any moment empties or garbles the file; rows are then appended.
+
+A W&B run is keyed by the run folder, so a resumed run continues it. A process killed with
+SIGKILL takes along the rows its W&B service had not yet written, so each clean close records
+the last step W&B was handed (``wandb.json``) and a resumed run first logs again, from
+metrics.csv, the rows after that step: W&B then holds every row metrics.csv holds, each under
+its training step (W&B charts take ``step`` as their x-axis), some of them twice with the same
+values.
 """
 
 from __future__ import annotations
@@ -41,12 +48,23 @@ class MetricsLog:
                  resume_step: int | None, config: dict[str, Any], name: str):
         self.path = os.path.join(run_dir, "metrics.csv")
         self.columns = columns
+        self.wandb_record = os.path.join(run_dir, "wandb.json")
         self.file = None
-        if csv_enabled:
-            self._open_csv(resume_step)
-        self.wandb_run = _init_wandb(run_dir, wandb, config, name) if wandb is not None else None
+        self.last_step = None
+        kept_rows = self._open_csv(resume_step) if csv_enabled else []
+        self.wandb_run = None
+        if wandb is not None:
+            self.wandb_run = _init_wandb(run_dir, wandb, config, name)
+            handed_over = -1
+            if os.path.exists(self.wandb_record):
+                with open(self.wandb_record) as f:
+                    handed_over = json.load(f)["last_step"]
+            for row in kept_rows:
+                if int(row["step"]) > handed_over:
+                    self._log_to_wandb({key: float(value) for key, value in row.items() if value != ""})
 
-    def _open_csv(self, resume_step: int | None) -> None:
+    def _open_csv(self, resume_step: int | None) -> list[dict[str, str]]:
+        """Start metrics.csv over, keeping the rows up to ``resume_step``; returns them."""
         rows = self._rows_up_to(resume_step) if resume_step is not None and os.path.exists(self.path) else []
         with atomic_write(self.path, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns)
@@ -54,6 +72,7 @@ class MetricsLog:
             writer.writerows(rows)
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
+        return rows
 
     def _rows_up_to(self, step: int) -> list[dict[str, str]]:
         """The complete rows of metrics.csv up to ``step``; a last line without its line break was torn by a kill."""
@@ -77,7 +96,13 @@ class MetricsLog:
             self.writer.writerow(row)
             self.file.flush()  # a killed job keeps every row it logged
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self._log_to_wandb(row)
+
+    def _log_to_wandb(self, row: dict[str, Any]) -> None:
+        # the training step travels as a column (every chart's x-axis, see _init_wandb), not as W&B's own
+        # step, which a resumed run has already passed when it logs rows again
+        self.wandb_run.log(dict(row, step=int(row["step"])))
+        self.last_step = int(row["step"])
 
     def sync(self) -> None:
         """Put the rows logged so far on the disk (before a checkpoint that counts on them)."""
@@ -89,8 +114,10 @@ class MetricsLog:
             self.file.close()
             self.file = None
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish()  # hands every logged row over
             self.wandb_run = None
+            if self.last_step is not None:
+                write_json({"last_step": self.last_step}, self.wandb_record)
 
 
 def _wandb_logged_in() -> bool:
@@ -110,7 +137,7 @@ def _init_wandb(run_dir: str, settings: dict[str, Any], config: dict[str, Any], 
     mode = settings.get("mode")
     if mode is None and "WANDB_MODE" not in os.environ:
         mode = "online" if _wandb_logged_in() else "offline"
-    return wandb.init(
+    run = wandb.init(
         project=settings.get("project", "metaopt"),
         entity=settings.get("entity"),
         tags=list(settings.get("tags") or []),
@@ -122,6 +149,9 @@ def _init_wandb(run_dir: str, settings: dict[str, Any], config: dict[str, Any], 
         dir=os.environ.get("WANDB_DIR", run_dir),
         config=config,
     )
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def run_metadata(seed: int, device: torch.device, world_size: int) -> dict[str, Any]:

@@ -6,6 +6,8 @@ in a checkpoint written by a real run, a second live process holding the folder)
 that nothing recorded is lost and every error names the file and the way on.
 """
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -19,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from metaopt import checkpoint
-from metaopt.files import LOCK_NAME, RunFolderInUse
+from metaopt.files import LOCK_NAME, LockingUnsupported, RunFolderInUse
 from metaopt.trainer import train
-from tests.test_trainer import _rows_if_any, train_until_preempted
+from tests.test_trainer import _rows_if_any, read_wandb_history, train_until_preempted
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.trainer_helpers import TINY, compose_train, computed_columns, finite, read_metrics
 
@@ -277,3 +279,47 @@ def test_the_same_command_twice_at_once_runs_once(tmp_path):
     assert steps == [0, *range(10, steps[-1] + 1, 10)] and steps[-1] >= 500
     assert checkpoint.load(str(run_dir / "checkpoint.pt"))["step"] % 500 == 1
 
+
+
+# -- W&B ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_wandb_keeps_every_row_across_a_sigkill(tmp_path):
+    """Killed between checkpoints and resumed, the W&B runs hold every row of metrics.csv, each under
+    its training step, with the values metrics.csv has (the resumed run logs the lost rows again)."""
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb_dir"
+    wandb_dir.mkdir()
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"}
+    overrides = checkpointed_run("logger=wandb")
+    process = subprocess.Popen(cli(run_dir, *overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    while process.poll() is None and not any(int(row["step"]) >= 150 for row in _rows_if_any(run_dir)):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.load(str(run_dir / "checkpoint.pt"))["step"] < 300, "the run ended before the kill"
+    subprocess.run(cli(run_dir, *overrides), cwd=REPO, env=env, check=True, capture_output=True)
+
+    run_files = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2  # the killed run and the resumed one, one W&B run id
+    logged = {}
+    for run_file in run_files:  # later rows (the resumed run's) win, as on W&B's charts
+        logged.update({row["step"]: row for row in read_wandb_history(str(run_file)) if "step" in row})
+    csv_rows = read_metrics(run_dir)
+    assert sorted(logged) == [int(row["step"]) for row in csv_rows] == [0, *range(10, 301, 10)]
+    for row in csv_rows:
+        values = {key: float(value) for key, value in row.items() if value != ""}
+        assert {key: logged[int(row["step"])][key] for key in values} == pytest.approx(values, rel=1e-12)
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_that_cannot_lock_stops_the_run_naming_the_folder(tmp_path, monkeypatch, code):
+    """flock fails as it does on NFS mounted with nolock: the run stops before any work, naming the fix."""
+    def flock_unsupported(descriptor, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", flock_unsupported)
+    with pytest.raises(LockingUnsupported, match=rf"cannot lock {tmp_path}/run.lock: .*run_root="):
+        train(compose_train(*TINY), str(tmp_path))
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "checkpoint.pt").exists()

@@ -226,7 +226,7 @@ def test_wandb_offline_logs_the_step_sizes(tmp_path, monkeypatch):
     train(cfg, str(tmp_path / "run"))
 
     (run_file,) = glob.glob(str(tmp_path / "wandb_dir" / "wandb" / "offline-run-*" / "run-*.wandb"))
-    logged = {row["_step"]: row for row in read_wandb_history(run_file)}
+    logged = {row["step"]: row for row in read_wandb_history(run_file)}
     csv_rows = read_metrics(tmp_path / "run")
     assert sorted(logged) == [int(row["step"]) for row in csv_rows] == [0, 2, 4]
     for row in csv_rows:
