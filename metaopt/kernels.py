@@ -2,7 +2,7 @@
 
 ``base_update`` does, for one param group, the meta-gradient terms (with the trace from
 before the step), the base update and the trace update; ``meta_update`` moves the log step
-sizes of a list of blocks. Three kernels do this:
+sizes of a list of blocks. Four kernels do this:
 
 * ``reference``: one tensor at a time, reading as the equations of :class:`metaopt.MetaOptimize`.
   It is the source of truth that the tests hold the others to.
@@ -10,6 +10,10 @@ sizes of a list of blocks. Three kernels do this:
   over memory: the meta-gradient is a dot product per tensor (no product temporary), the
   direction is overwritten by the weight change, and the trace takes that change in one
   ``addcmul``. Works on every device, and under ``torch.compile`` of a training step.
+* ``flat``: the ``foreach`` update run on a few flat buffers per param group instead of one
+  tensor per parameter (:mod:`metaopt.flat`), so that the number of ops a step dispatches does
+  not grow with the number of tensors: the fast kernel where a step is bound by launches and
+  Python (a GPU, many small tensors).
 * ``compiled``: the ``foreach`` update compiled with ``torch.compile`` (one graph per param
   group), so that Inductor fuses the update of each tensor into one loop: it reads the
   weight, gradient, moments and trace once and writes each once, as a fused AdamW does plus
@@ -23,7 +27,7 @@ Every kernel reads ``step_sizes`` as tensors and nothing back to the host.
 from __future__ import annotations
 
 import types
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -92,8 +96,8 @@ def _per_step_size(function: Callable[[list[Tensor]], list[Tensor]], step_sizes:
 
 
 def _foreach_update(params, grads, traces, moments, steps, step_sizes, *, rule, hp, weight_decay, gamma) -> None:
-    """Base update and trace of :func:`_reference_base_update` with multi-tensor ops."""
-    torch._foreach_add_(steps, 1)
+    """Base update and trace of :func:`_reference_base_update` with multi-tensor ops; ``steps``
+    already count this step."""
     directions = rule.directions(grads, moments, hp, steps)
     # dw = -alpha * (d + kappa * w), in the directions' memory when they are the kernel's own.
     neg_step_sizes = _per_step_size(torch._foreach_neg, step_sizes)
@@ -130,6 +134,7 @@ def _base_update_with(update: Callable) -> Callable:
 
     def base_update(params, grads, traces, moments, steps, step_sizes, view_shapes, **hyperparameters) -> list[Tensor]:
         meta_grads = [_inner_products(h, g, shape) for h, g, shape in zip(traces, grads, view_shapes)]
+        torch._foreach_add_(steps, 1)
         update(params, grads, traces, moments, steps, step_sizes, **hyperparameters)
         return meta_grads
 
@@ -137,11 +142,21 @@ def _base_update_with(update: Callable) -> Callable:
 
 
 def _foreach_meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_lr, meta_weight_decay) -> None:
-    torch._foreach_add_(steps, 1)
+    """Meta update of :func:`_reference_meta_update` with multi-tensor ops; ``steps`` already count this step."""
     directions = rule.directions(meta_grads, moments, hp, steps)
     if meta_weight_decay != 0:
         torch._foreach_mul_(betas, 1 - meta_lr * meta_weight_decay)
     torch._foreach_add_(betas, directions, alpha=-meta_lr)
+
+
+def _counting(meta_update: Callable) -> Callable:
+    """A meta update that first counts the step of each block."""
+
+    def counted(betas, meta_grads, moments, steps, **hyperparameters) -> None:
+        torch._foreach_add_(steps, 1)
+        meta_update(betas, meta_grads, moments, steps, **hyperparameters)
+
+    return counted
 
 
 def _compiled(function: Callable) -> Callable:
@@ -155,12 +170,30 @@ def _compiled(function: Callable) -> Callable:
     return torch.compile(copy, fullgraph=True, dynamic=False)
 
 
-KERNELS: dict[str, Callable[[], tuple[Callable, Callable]]] = {
-    "reference": lambda: (_reference_base_update, _reference_meta_update),
-    "foreach": lambda: (_base_update_with(_foreach_update), _foreach_meta_update),
+class Kernel(NamedTuple):
+    """The functions of one kernel for one param group."""
+
+    base_update: Callable  # lists of per-tensor state -> the meta-gradient terms (see _base_update_with)
+    meta_update: Callable
+    # On one flat tensor per state key (metaopt/flat.py), with counters already counting this step:
+    flat_update: Callable | None = None
+    flat_meta_update: Callable | None = None
+
+
+KERNELS: dict[str, Callable[[], Kernel]] = {
+    "reference": lambda: Kernel(_reference_base_update, _reference_meta_update),
+    "foreach": lambda: Kernel(_base_update_with(_foreach_update), _counting(_foreach_meta_update)),
+    # The foreach update on flat buffers: a number of ops per step that does not depend on the
+    # number of tensors (blocks="nodewise", which flat buffers do not cover, runs foreach).
+    "flat": lambda: Kernel(
+        _base_update_with(_foreach_update), _counting(_foreach_meta_update), _foreach_update, _foreach_meta_update
+    ),
     # The meta-gradient's dot products stay out of the graph: Inductor would give them a loop
     # of their own anyway, and torch 2.14's CPU code generation fails on fusing row sums
-    # (nodewise) with the update.
-    "compiled": lambda: (_base_update_with(_compiled(_foreach_update)), _compiled(_foreach_meta_update)),
+    # (nodewise) with the update. Per tensor, not on flat buffers: on a CPU, where a step is
+    # bound by memory, gathering into flat buffers costs more than the fused loops save.
+    "compiled": lambda: Kernel(
+        _base_update_with(_compiled(_foreach_update)), _counting(_compiled(_foreach_meta_update))
+    ),
 }
-"""Kernel name -> a function that makes ``(base_update, meta_update)`` for one param group."""
+"""Kernel name -> a function that makes the :class:`Kernel` of one param group."""

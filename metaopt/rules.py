@@ -82,6 +82,8 @@ def _bias_corrections(decay: float, steps: list[Tensor]) -> list[Tensor]:
     ops instead of a few per tensor; under ``torch.compile`` the stacked powers are one small
     buffer, computed once rather than in every iteration of the loops that use them.
     """
+    if len(steps) == 1:  # the flat kernel's one counter
+        return [1 - decay ** steps[0]]
     if len({(step.dtype, step.device) for step in steps}) > 1:
         corrections = torch._foreach_pow(decay, steps)
         torch._foreach_neg_(corrections)

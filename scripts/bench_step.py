@@ -14,8 +14,17 @@ programs sharing the cores hardly disturb; on CUDA by wall time after synchroniz
     python scripts/bench_step.py                          # CPU: every pair, foreach and compiled kernels
     python scripts/bench_step.py --device cuda
     python scripts/bench_step.py --pairs adamw/lion lion/lion --kernels foreach --models resnet18_cifar
+    python scripts/bench_step.py --proxy                  # the launch-bound proxy below
 
 Writes ``results/performance/bench_step_<device>.csv`` and ``.md`` (a table with the machine).
+
+The launch-bound proxy (``--proxy``) measures the regime of a GPU step without a GPU: as many
+parameter tensors as ResNet-18 (62) and llama2.c's 15M transformer (56), of 4 elements each,
+so that a step's cost is its Python and its dispatched operations, not its arithmetic. For
+every pair, granularity and kernel it reports the host time of a step (CPU time, one thread)
+and the number of operations it dispatches (counted by a ``TorchDispatchMode``; the
+profiler's two markers around every ``Optimizer.step`` are left out), against fused AdamW
+taking turns with it. Writes ``bench_step_proxy.csv`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ from pathlib import Path
 import timm.optim
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from metaopt import BASES, METAS, MetaOptimize, param_groups_by_prefix
+from metaopt import BASES, BLOCKS, METAS, MetaOptimize, param_groups_by_prefix
+from metaopt.kernels import KERNELS
 from metaopt.models import llama2c_15m, resnet18_cifar
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "performance"
@@ -128,7 +139,9 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=[f"{b}/{m}" for b, m in itertools.product(BASES, METAS)],
                         help="base/meta pairs, e.g. adamw/lion")
     parser.add_argument("--blocks", nargs="+", default=["scalar", "blockwise"], choices=["scalar", "blockwise"])
-    parser.add_argument("--kernels", nargs="+", default=["foreach", "compiled"], choices=["foreach", "compiled", "reference"])
+    parser.add_argument("--kernels", nargs="+", default=None, choices=list(KERNELS),
+                        help="default: foreach, flat and compiled (with --proxy: foreach and flat)")
+    parser.add_argument("--proxy", action="store_true", help="the launch-bound proxy: many tiny tensors")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: CPU time measures the step)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9 on CPU, 30 on CUDA)")
@@ -137,6 +150,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.proxy:
+        return proxy(args, device)
+    args.kernels = args.kernels or ["foreach", "flat", "compiled"]
     rounds = args.rounds or (30 if device.type == "cuda" else 9)
     out = args.out or RESULTS / f"bench_step_{device.type}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +209,105 @@ def main() -> None:
         print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", flush=True)
 
 
+# -- the launch-bound proxy ----------------------------------------------------------------------
+
+PROXY_MODELS = {"resnet18 tensors": 62, "llama2c tensors": 56}
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the operations dispatched inside it, but the profiler's markers."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "profiler":
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_model(n_tensors: int) -> nn.Module:
+    return nn.ParameterList([nn.Parameter(torch.randn(4)) for _ in range(n_tensors)])
+
+
+def dispatched_ops(optimizer: torch.optim.Optimizer) -> int:
+    with DispatchCount() as counter:
+        optimizer.step()
+    return counter.count
+
+
+def proxy(args, device: torch.device) -> None:
+    kernels = args.kernels or ["foreach", "flat"]
+    pairs = [tuple(pair.split("/")) for pair in args.pairs]
+    steps_per_round, rounds = 50, args.rounds or 9
+    rows = []
+    for model_name, n_tensors in PROXY_MODELS.items():
+        print(f"{model_name}: {n_tensors} tensors of 4 elements", flush=True)
+        for (base, meta), blocks, kernel in itertools.product(pairs, BLOCKS, kernels):
+            candidates = [
+                Candidate("AdamW fused", lambda: tiny_model(n_tensors), lambda m: ADAMW_FUSED(m.parameters()), device),
+                Candidate("MetaOptimize", lambda: tiny_model(n_tensors),
+                          lambda m: MetaOptimize(m.parameters(), base, meta, blocks, kernel=kernel), device),
+            ]
+            race(candidates, device, args.warmup, 0)
+            ops = [dispatched_ops(c.optimizer) for c in candidates]
+            for _ in range(rounds):  # rounds of many steps: one step is too short for the clock
+                for candidate in candidates:
+                    start = time.process_time()
+                    for _ in range(steps_per_round):
+                        candidate.optimizer.step()
+                    candidate.times.append((time.process_time() - start) / steps_per_round)
+            fused_us, step_us = (1e6 * statistics.median(c.times) for c in candidates)
+            ratio = median_ratio(candidates[1], candidates[0])
+            rows.append({"tensors": model_name, "base": base, "meta": meta, "blocks": blocks, "kernel": kernel,
+                         "step_us": round(step_us, 1), "ops": ops[1], "adamw_fused_us": round(fused_us, 1),
+                         "adamw_fused_ops": ops[0], "vs_adamw_fused": round(ratio, 3)})
+            print(f"  ({base}, {meta}) {blocks:11s} {kernel:8s} {step_us:8.1f} us {ops[1]:4d} ops  "
+                  f"{ratio:5.2f}x fused AdamW ({fused_us:.1f} us, {ops[0]} ops)", flush=True)
+    out = args.out or RESULTS / "bench_step_proxy"
+    with open(out.with_suffix(".csv"), "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out.with_suffix(".md").write_text(proxy_markdown(rows, machine(device), rounds, steps_per_round))
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", flush=True)
+
+
+def proxy_markdown(rows: list[dict], machine_line: str, rounds: int, steps_per_round: int) -> str:
+    columns = list(dict.fromkeys((r["tensors"], r["kernel"]) for r in rows))
+    fused = {r["tensors"]: (r["adamw_fused_us"], r["adamw_fused_ops"]) for r in rows}
+    lines = [
+        "# Launch-bound proxy: host time and dispatched operations of one step",
+        "",
+        f"Machine: {machine_line}. Parameters: as many tensors as ResNet-18 (62) or llama2.c's 15M transformer "
+        "(56), 4 elements each, so that a step costs its Python and its dispatched operations, the regime of a GPU "
+        f"step. Time: CPU time of the process, median of {rounds} rounds of {steps_per_round} steps, taking turns "
+        "with fused AdamW in one process; a ratio is the median over rounds of the ratio within a round. Operations: "
+        "those one step dispatches (the profiler's markers left out). Written by `scripts/bench_step.py --proxy`.",
+        "",
+        "Fused AdamW: " + "; ".join(f"{name}: {us:.0f} us, {ops} ops" for name, (us, ops) in fused.items()) + ".",
+        "",
+        "Each cell: step time as a multiple of fused AdamW's, and the operations a step dispatches.",
+        "",
+    ]
+    lines += pair_table(rows, "tensors", columns, lambda e: f"{e['vs_adamw_fused']:.2f}x, {e['ops']}")
+    return "\n".join(lines) + "\n"
+
+
+def pair_table(rows: list[dict], setting: str, columns: list[tuple[str, str]], cell) -> list[str]:
+    """A markdown table: a line per (base, meta, blocks), a column per (rows' ``setting``, kernel)."""
+    lines = [
+        "| base | meta | blocks | " + " | ".join(f"{name}, {kernel}" for name, kernel in columns) + " |",
+        "|---|---|---|" + "---:|" * len(columns),
+    ]
+    cells = {(r["base"], r["meta"], r["blocks"], r[setting], r["kernel"]): r for r in rows}
+    for base, meta, blocks in dict.fromkeys((r["base"], r["meta"], r["blocks"]) for r in rows):
+        entries = [cells.get((base, meta, blocks, name, kernel)) for name, kernel in columns]
+        lines.append(f"| {base} | {meta} | {blocks} | " + " | ".join(cell(e) if e else "" for e in entries) + " |")
+    return lines
+
+
 def markdown(rows: list[dict], machine_line: str, device: torch.device, rounds: int, args) -> str:
     clock = "CPU time of the process" if device.type == "cpu" else "wall time, synchronized"
     lines = [
@@ -218,14 +333,8 @@ def markdown(rows: list[dict], machine_line: str, device: torch.device, rounds: 
         "Blockwise: one step size per named block (`param_groups_by_prefix`: ResNet-18's stem, layer1-4 and head; "
         "the transformer's embedding, 6 layers and head).",
         "",
-        "| base | meta | blocks | " + " | ".join(f"{model} {kernel}" for model, kernel in columns) + " |",
-        "|---|---|---|" + "---:|" * len(columns),
     ]
-    cells = {(r["base"], r["meta"], r["blocks"], r["model"], r["kernel"]): r for r in metaopt_rows}
-    for base, meta, blocks in dict.fromkeys((r["base"], r["meta"], r["blocks"]) for r in metaopt_rows):
-        entries = [cells.get((base, meta, blocks, model, kernel)) for model, kernel in columns]
-        lines.append(f"| {base} | {meta} | {blocks} | " + " | ".join(
-            f"{e['vs_adamw_fused']:.2f} ({e['vs_plain_base']:.2f})" if e else "" for e in entries) + " |")
+    lines += pair_table(metaopt_rows, "model", columns, lambda e: f"{e['vs_adamw_fused']:.2f} ({e['vs_plain_base']:.2f})")
     return "\n".join(lines) + "\n"
 
 

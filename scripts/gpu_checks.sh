@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in one run of 8 to 11 minutes on one H100/H200-class card:
 #   1. the CUDA tests: the step never synchronizes with the host (set_sync_debug_mode("error")),
 #      the fast kernels equal the reference kernel on CUDA, the whole step compiles to one graph;
-#   2. scripts/bench_step.py: optimizer-step time against fused AdamW (foreach: every pair,
-#      scalar; blockwise for the paper's pairs; compiled: (AdamW, Lion) and (Lion, Lion));
+#   2. scripts/bench_step.py: optimizer-step time against fused AdamW (flat and foreach: every
+#      pair, scalar; blockwise and compiled: (AdamW, Lion) and (Lion, Lion));
 #   3. scripts/bench_overhead.py: Table 1 on the paper's batch sizes, largest batch by bisection
 #      within a memory cap (24 GiB; ImageNet 12 GiB), which keeps the bisection's probes short.
 # Each stage has its own time limit, and each script writes its tables as it goes, so a stage
@@ -31,9 +31,9 @@ $python -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 stage "CUDA tests" 90 $python -m pytest -q -p no:cacheprovider -o addopts="" --timeout=80 --tb=short --show-capture=no \
     tests/test_kernels.py tests/test_performance.py -k "cuda"
 
-stage "step time, foreach" 100 $python scripts/bench_step.py --device cuda --kernels foreach --blocks scalar \
+stage "step time, flat and foreach" 150 $python scripts/bench_step.py --device cuda --kernels flat foreach --blocks scalar \
     --out "$out/bench_step_cuda"
-stage "step time, blockwise and compiled" 180 $python scripts/bench_step.py --device cuda --kernels foreach compiled \
+stage "step time, blockwise and compiled" 180 $python scripts/bench_step.py --device cuda --kernels flat foreach compiled \
     --pairs adamw/lion lion/lion --out "$out/bench_step_cuda_blockwise_compiled"
 
 stage "Table 1" 180 $python scripts/bench_overhead.py --device cuda --workloads cifar10_resnet18 tinystories_llama2c_15m \

@@ -9,9 +9,10 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaopt import BASES, BLOCKS, METAS, MetaOptimize
-from metaopt.optimizer import VARIANTS
+from metaopt.optimizer import FLAT_BLOCKS, VARIANTS
 from metaopt.kernels import KERNELS
 
 PAIRS = list(itertools.product(BASES, METAS))
@@ -112,13 +113,14 @@ def assert_kernel_equals_reference(
     assert (expected_step_sizes / (ALPHA0[base] * lr_at(steps - 1))).log().abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("kernel", ["foreach", "flat"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("base,meta", PAIRS)
-def test_foreach_kernel_equals_reference_on_every_tensor_layout(base, meta, blocks, variant):
+def test_eager_kernels_equal_reference_on_every_tensor_layout(base, meta, blocks, variant, kernel):
     meta_weight_decay = 0.1 if variant == "released" else 0.0
     assert_kernel_equals_reference(
-        base, meta, blocks, "foreach", steps=8, variant=variant, meta_weight_decay=meta_weight_decay
+        base, meta, blocks, kernel, steps=8, variant=variant, meta_weight_decay=meta_weight_decay
     )
 
 
@@ -154,6 +156,13 @@ def test_foreach_kernel_equals_reference_on_cuda(base, meta, blocks):
 
 
 @CUDA
+@pytest.mark.parametrize("blocks", FLAT_BLOCKS)
+@pytest.mark.parametrize("base,meta", PAIRS)
+def test_flat_kernel_equals_reference_on_cuda(base, meta, blocks):
+    assert_kernel_equals_reference(base, meta, blocks, "flat", steps=8, device="cuda")
+
+
+@CUDA
 @pytest.mark.parametrize("base,meta,blocks", [("adamw", "lion", "scalar"), ("sgdm", "adam", "nodewise"), ("rmsprop", "adam", "weightwise")])
 def test_compiled_kernel_equals_reference_on_cuda(base, meta, blocks):
     """Not (Lion, Lion) weightwise: there the compiled kernel on an H200 ended 1e-3 (relative)
@@ -183,3 +192,91 @@ def test_a_param_group_of_mixed_dtypes(base, kernel):
         results.append((wide.detach().clone(), narrow.detach().clone(), optimizer.step_size(narrow)))
     for value, expected in zip(results[1], results[0]):
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=0)
+
+
+# -- the flat kernel -----------------------------------------------------------------------------
+
+
+class DispatchCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "profiler":  # Optimizer.step's two markers
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(n_tensors, base, meta, blocks, kernel):
+    """The operations the third step dispatches, on n_tensors parameters of 3 elements."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3)) for _ in range(n_tensors)]
+    optimizer = MetaOptimize(params, base, meta, blocks, kernel=kernel)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(3)
+        if step < 2:
+            optimizer.step()
+    with DispatchCount() as counter:
+        optimizer.step()
+    return counter.count
+
+
+@pytest.mark.parametrize("blocks", FLAT_BLOCKS)
+@pytest.mark.parametrize("base,meta", [("adamw", "lion"), ("sgdm", "adam"), ("rmsprop", "rmsprop"), ("lion", "lion")])
+def test_the_flat_kernel_dispatches_as_many_ops_for_any_number_of_tensors(base, meta, blocks):
+    flat_ops = [ops_per_step(n, base, meta, blocks, "flat") for n in (2, 64)]
+    assert flat_ops[0] == flat_ops[1] <= 45  # 39 for (AdamW, Adam): 12 of them the meta rule's on one number
+    if (base, meta, blocks) == ("adamw", "lion", "scalar"):
+        assert flat_ops[0] <= 30
+    foreach_ops = [ops_per_step(n, base, meta, blocks, "foreach") for n in (2, 64)]
+    assert foreach_ops[1] > foreach_ops[0] + 60  # what the flat buffers save
+
+
+def train_with_gradients_missing(model, optimizer, steps, missing):
+    """train(), but at the steps in ``missing`` the hidden layer gets no gradient."""
+    for t in range(steps):
+        generator = torch.Generator().manual_seed(t)
+        x = torch.randn(4, 2, 5, 5, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if t in missing:
+            model.hidden.weight.grad = model.hidden.bias.grad = None
+        optimizer.step()
+
+
+@pytest.mark.parametrize("blocks", FLAT_BLOCKS)
+@pytest.mark.parametrize("base,meta", [("adamw", "adam"), ("sgdm", "lion")])
+def test_the_flat_kernel_when_the_parameters_with_gradients_change(base, meta, blocks):
+    """Steps without some gradients regroup the flat buffers; afterwards the hidden layer's counters
+    lag the others', and its group keeps the foreach kernel: all of it the reference's update."""
+    results = []
+    for kernel in ("reference", "flat"):
+        model = make_model()
+        optimizer = make_optimizer(model, base, meta, blocks, kernel)
+        train_with_gradients_missing(model, optimizer, 10, missing={3, 4})
+        results.append(weights_and_step_sizes(model, optimizer))
+        assert optimizer.state[model.hidden.weight]["step"] == 8 and optimizer.state[model.out.weight]["step"] == 10
+    (weights, step_sizes), (expected_weights, expected_step_sizes) = results[1], results[0]
+    assert (weights - expected_weights).norm() / expected_weights.norm() < 1e-12
+    assert ((step_sizes - expected_step_sizes) / expected_step_sizes).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("blocks", FLAT_BLOCKS)
+def test_a_state_dict_moves_between_the_flat_and_the_foreach_kernel(blocks):
+    """The kernel is not part of the state: 4 steps with one, 4 with the other, as 8 with the reference."""
+    results = []
+    for kernels in (("reference", "reference"), ("flat", "foreach"), ("foreach", "flat")):
+        model = make_model()
+        first = make_optimizer(model, "adamw", "adam", blocks, kernels[0])
+        train(model, first, 4)
+        second = make_optimizer(model, "adamw", "adam", blocks, kernels[1])
+        second.load_state_dict(first.state_dict())
+        train(model, second, 4, lambda t: 1.0)
+        results.append(weights_and_step_sizes(model, second))
+    (expected_weights, expected_step_sizes), *others = results
+    for weights, step_sizes in others:
+        assert (weights - expected_weights).norm() / expected_weights.norm() < 1e-12
+        assert ((step_sizes - expected_step_sizes) / expected_step_sizes).abs().max() < 1e-12

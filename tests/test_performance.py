@@ -1,5 +1,6 @@
 """The step never waits for the device, and keeps exactly one parameter-sized buffer (the
-trace) beyond the base optimizer's own state."""
+trace) beyond the base optimizer's own state, and the flat kernel two more (the gathered
+weights and gradients)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaopt import BASES, BLOCKS, METAS, MetaOptimize, RULES
-from metaopt.optimizer import _OLD_DYNAMO, BASES as RULE_OF_BASE
+from metaopt.optimizer import _OLD_DYNAMO, BASES as RULE_OF_BASE, FLAT_BLOCKS
 
 PAIRS = list(itertools.product(BASES, METAS))
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -52,7 +53,7 @@ def test_the_read_back_detector_fires():
         torch.ones(2).sum().item()
 
 
-@pytest.mark.parametrize("kernel", ["foreach", "reference"])
+@pytest.mark.parametrize("kernel", ["flat", "foreach", "reference"])
 @pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("base,meta", PAIRS)
 def test_step_reads_nothing_back(base, meta, blocks, kernel):
@@ -78,11 +79,13 @@ def test_skipping_a_nonfinite_step_reads_nothing_back():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-@pytest.mark.parametrize("kernel", ["foreach", "compiled"])
+@pytest.mark.parametrize("kernel", ["flat", "foreach", "compiled"])
 @pytest.mark.parametrize("base,meta,blocks", [("adamw", "lion", "scalar"), ("lion", "lion", "nodewise")])
 def test_the_whole_step_compiles_to_one_graph(base, meta, blocks, kernel, device):
     """``torch.compile(step, fullgraph=True)`` fails on any read-back (a graph break), and the
-    compiled step computes what the eager one does."""
+    compiled step computes what the eager one does (the flat kernel's eager step on flat buffers,
+    its compiled one per tensor: Inductor fuses the ops either way)."""
+    torch._dynamo.reset()  # every case compiles Optimizer.step's one code object: keep under its recompile limit
     if blocks == "nodewise" and _OLD_DYNAMO:
         model = make_model(device)
         optimizer = MetaOptimize(model.parameters(), base, meta, blocks, kernel=kernel)
@@ -104,7 +107,7 @@ def test_the_whole_step_compiles_to_one_graph(base, meta, blocks, kernel, device
 
 
 @CUDA
-@pytest.mark.parametrize("kernel", ["foreach", "compiled", "reference"])
+@pytest.mark.parametrize("kernel", ["flat", "foreach", "compiled", "reference"])
 @pytest.mark.parametrize("blocks", BLOCKS)
 def test_step_never_synchronizes_with_the_gpu(blocks, kernel):
     model = make_model("cuda")
@@ -134,10 +137,11 @@ def live_storages() -> dict[int, tuple[torch.Tensor, int]]:
 
 
 # The moments depend on the base, the block tensors on the granularity, and the state on the
-# driver, not the kernel: every base, every granularity, and each kernel once.
+# driver and on whether the kernel is flat: every base, every granularity with the foreach and
+# the flat kernel, and each other kernel once.
 STATE_CASES = sorted(
     {(base, "scalar", "foreach") for base in BASES}
-    | {("adamw", blocks, "foreach") for blocks in BLOCKS}
+    | {("adamw", blocks, kernel) for blocks in BLOCKS for kernel in ("foreach", "flat")}
     | {("adamw", "nodewise", "reference"), ("adamw", "scalar", "compiled")}
 )
 
@@ -174,7 +178,11 @@ def test_state_is_the_trace_and_the_base_moments(base, blocks, kernel):
     n_tensors = len(list(model.parameters()))
     per_param_bytes = 8 * ((1 + len(moments)) * n_params + n_tensors)  # trace, base moments; step counters
     per_block_bytes = 8 * (3 * block_numel + len(block_shapes))  # beta, meta exp_avg and exp_avg_sq; meta step
-    assert new_bytes == per_param_bytes + per_block_bytes
+    flat = kernel == "flat" and blocks in FLAT_BLOCKS
+    gather_bytes = 2 * 8 * n_params if flat else 0  # the flat kernel's gathered weights and gradients
+    if flat and blocks == "layerwise":
+        gather_bytes += 8 * n_tensors  # each tensor's length, for the segmented sums
+    assert new_bytes == per_param_bytes + per_block_bytes + gather_bytes
     for t in range(1, 4):
         optimizer.zero_grad(set_to_none=False)
         backward(model, t, dtype=torch.float64)

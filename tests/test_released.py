@@ -72,7 +72,7 @@ def released_run(base, meta, blocks, gamma, meta_weight_decay, kernel, steps=30)
 @pytest.mark.parametrize("blocks", ["scalar", "layerwise", "param_group"])
 @pytest.mark.parametrize("base,meta", PAIRS)
 def test_released_variant_matches_the_reference(base, meta, blocks, gamma, meta_weight_decay):
-    for kernel in ("reference", "foreach"):
+    for kernel in ("reference", "foreach", "flat"):
         (weights, step_sizes), (expected_weights, expected_step_sizes) = released_run(
             base, meta, blocks, gamma, meta_weight_decay, kernel
         )

@@ -1,0 +1,147 @@
+"""The flat kernel: a param group's optimizer state in one buffer per state key.
+
+The cost of the ``foreach`` kernel grows with the number of tensors: a dot product per tensor
+for the meta-gradient, and per-tensor loops and bookkeeping around the multi-tensor ops. On a
+GPU, where a step of ResNet-18 (62 tensors) is bound by launches rather than by bytes, that
+is most of its time. The flat kernel keeps, for the parameters of one param group that share
+a device and a dtype (a *partition*), the trace and the base moments in one flat buffer each;
+``state[p]`` holds views into them, so ``state_dict()`` and checkpoints stay per parameter.
+For ``layerwise`` blocks the blocks' meta state (``beta``, the meta moments, ``meta_step``)
+is a vector with one entry per tensor, viewed the same way. A step of a partition is then:
+
+1. gather the gradients and the weights into two flat buffers (``torch._foreach_copy_``, one
+   op each);
+2. the meta-gradient terms with the trace from before the step: one dot product (``scalar``,
+   ``param_group``) or one segmented sum, an entry per tensor (``layerwise``);
+3. the ``foreach`` kernel's base update and trace on the flat tensors (for ``layerwise``, the
+   step sizes repeated over each tensor's elements), so the arithmetic is the same code;
+4. scatter the weights back (one op).
+
+So the number of operations a step dispatches does not depend on the number of tensors. The
+price is memory: the two gather buffers, one copy of the weights and one of the gradients.
+
+All parameters of a partition take their steps together, so their step counters are equal
+and the bias corrections are those of one counter. This holds for state the optimizer
+created itself. A partition whose counters may differ (state loaded from a checkpoint, or a
+step in which only some of its parameters had gradients) is checked once, reading the
+counters back to the host; if they differ, that partition keeps the ``foreach`` kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Partition:
+    """One partition's flat buffers and the views that connect them to its parameters."""
+
+    params: list[Tensor]
+    blocks: str  # "one" (scalar, param_group: one step size), "tensor" (layerwise) or "weight" (weightwise)
+    weights: Tensor  # gathered weights: the update runs on them, then they are scattered back
+    weight_views: list[Tensor]
+    grads: Tensor
+    grad_views: list[Tensor]
+    trace: Tensor
+    moments: dict[str, Tensor]
+    steps: Tensor  # one counter per parameter (state[p]["step"] are its entries), all equal
+    step: Tensor  # its first entry (a view): the counter of the bias corrections
+    lengths: Tensor | None  # "tensor": each tensor's number of elements, on the partition's device
+    meta: dict[str, Tensor] | None  # "tensor", "weight": the blocks' beta and meta moments, flat
+    meta_steps: Tensor | None  # their counters, one per parameter, all equal
+    meta_step: Tensor | None  # the first entry
+
+    def gather(self) -> None:
+        torch._foreach_copy_(self.grad_views, [p.grad for p in self.params])
+        torch._foreach_copy_(self.weight_views, self.params)
+
+    def scatter(self) -> None:
+        torch._foreach_copy_(self.params, self.weight_views)
+
+    def meta_grads(self) -> Tensor:
+        """The meta-gradient terms ``h * g`` summed over each block: one, each tensor's or none."""
+        if self.blocks == "one":
+            return torch.dot(self.trace, self.grads)
+        if self.blocks == "tensor":
+            return torch.segment_reduce(self.trace * self.grads, "sum", lengths=self.lengths)
+        return self.trace * self.grads
+
+    def per_element(self, step_sizes: Tensor) -> Tensor:
+        """The blocks' step sizes ("tensor": one per tensor, "weight": one per weight) for each
+        element, in the weights' dtype."""
+        step_sizes = step_sizes.to(self.trace.dtype)
+        if self.blocks == "tensor":
+            return torch.repeat_interleave(step_sizes, self.lengths, output_size=self.trace.numel())
+        return step_sizes
+
+
+def partitions(params: list[Tensor]) -> list[list[Tensor]]:
+    """The parameters of one param group by (device, dtype), in their order."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in params:
+        by_kind.setdefault((p.device, p.dtype), []).append(p)
+    return list(by_kind.values())
+
+
+def _flat(
+    states: list[dict[str, Any]], key: str, values: list[Tensor], dtype: torch.dtype, *, copy: bool = True
+) -> tuple[Tensor, list[Tensor]]:
+    """A flat buffer holding ``values`` one after another (with ``copy``); with ``key``, each
+    ``state[key]`` becomes a view of it shaped as its old value. Returns the buffer and the views."""
+    numel = sum(value.numel() for value in values)
+    buffer = torch.zeros(numel, dtype=dtype, device=values[0].device)
+    views, offset = [], 0
+    for value in values:
+        view = buffer[offset : offset + value.numel()].view(value.shape)
+        if copy:
+            view.copy_(value)
+        views.append(view)
+        offset += value.numel()
+    if key:
+        for state, view in zip(states, views):
+            state[key] = view
+    return buffer, views
+
+
+def _equal(counters: list[Tensor], fresh: bool) -> bool:
+    """Whether the step counters are equal: known for state created together, else read back once."""
+    if fresh or len(counters) == 1:
+        return True
+    stacked = torch.stack(counters)
+    return bool((stacked == stacked[0]).all())
+
+
+def build(
+    params: list[Tensor], states: list[dict[str, Any]], moment_names: tuple[str, ...], meta_moment_names: tuple[str, ...],
+    *, blocks: str, fresh: bool,
+) -> Partition | None:
+    """Move the state of one partition into flat buffers; ``None`` when its counters differ.
+
+    ``states`` must hold each parameter's state already (``trace``, ``step``, the moments; for
+    ``blocks`` "tensor" and "weight" the block's ``beta``, ``meta_step`` and meta moments).
+    ``fresh``: the optimizer created all of it in this step, so the counters are all zero.
+    """
+    has_meta = blocks != "one"
+    if not _equal([s["step"] for s in states], fresh) or (has_meta and not _equal([s["meta_step"] for s in states], fresh)):
+        return None
+    dtype = params[0].dtype
+    weights, weight_views = _flat(states, "", params, dtype)
+    grads, grad_views = _flat(states, "", params, dtype, copy=False)
+    flat = {key: _flat(states, key, [s[key] for s in states], dtype)[0] for key in ("trace", *moment_names)}
+    steps = _flat(states, "step", [s["step"] for s in states], states[0]["step"].dtype)[0]
+    meta = meta_steps = None
+    if has_meta:
+        meta_dtype = states[0]["beta"].dtype
+        meta = {key: _flat(states, key, [s[key] for s in states], meta_dtype)[0]
+                for key in ("beta", *(f"meta_{name}" for name in meta_moment_names))}
+        meta_steps = _flat(states, "meta_step", [s["meta_step"] for s in states], meta_dtype)[0]
+    lengths = torch.tensor([p.numel() for p in params], device=params[0].device) if blocks == "tensor" else None
+    return Partition(
+        params=params, blocks=blocks, weights=weights, weight_views=weight_views, grads=grads, grad_views=grad_views,
+        trace=flat["trace"], moments={name: flat[name] for name in moment_names}, steps=steps, step=steps[0],
+        lengths=lengths, meta=meta, meta_steps=meta_steps, meta_step=None if meta_steps is None else meta_steps[0],
+    )
