@@ -41,7 +41,7 @@ class Partition:
     """One partition's flat buffers and the views that connect them to its parameters."""
 
     params: list[Tensor]
-    blocks: str  # "one" (scalar, param_group: one step size), "tensor" (layerwise) or "weight" (weightwise)
+    blocks: str  # "one" (scalar, param_group: one step size), "tensor" (layerwise), "weight" (weightwise), "node"
     weights: Tensor  # gathered weights: the update runs on them, then they are scattered back
     weight_views: list[Tensor]
     grads: Tensor
@@ -51,6 +51,7 @@ class Partition:
     steps: Tensor  # one counter per parameter (state[p]["step"] are its entries), all equal
     step: Tensor  # its first entry (a view): the counter of the bias corrections
     lengths: Tensor | None  # "tensor": each tensor's number of elements, on the partition's device
+    rows: Tensor | None  # "node": each element's row among the rows of all nodewise blocks (Nodes)
     meta: dict[str, Tensor] | None  # "tensor", "weight": the blocks' beta and meta moments, flat
     meta_steps: Tensor | None  # their counters, one per parameter, all equal
     meta_step: Tensor | None  # the first entry
@@ -68,14 +69,16 @@ class Partition:
             return torch.dot(self.trace, self.grads)
         if self.blocks == "tensor":
             return torch.segment_reduce(self.trace * self.grads, "sum", lengths=self.lengths)
-        return self.trace * self.grads
+        return self.trace * self.grads  # "node": summed into the rows by the caller, across partitions
 
     def per_element(self, step_sizes: Tensor) -> Tensor:
-        """The blocks' step sizes ("tensor": one per tensor, "weight": one per weight) for each
-        element, in the weights' dtype."""
+        """The blocks' step sizes ("tensor": one per tensor, "weight": one per weight, "node": one
+        per row of every nodewise block) for each element, in the weights' dtype."""
         step_sizes = step_sizes.to(self.trace.dtype)
         if self.blocks == "tensor":
             return torch.repeat_interleave(step_sizes, self.lengths, output_size=self.trace.numel())
+        if self.blocks == "node":
+            return step_sizes.index_select(0, self.rows)
         return step_sizes
 
 
@@ -117,7 +120,7 @@ def _equal(counters: list[Tensor], fresh: bool) -> bool:
 
 def build(
     params: list[Tensor], states: list[dict[str, Any]], moment_names: tuple[str, ...], meta_moment_names: tuple[str, ...],
-    *, blocks: str, fresh: bool,
+    *, blocks: str, fresh: bool, rows: Tensor | None = None,
 ) -> Partition | None:
     """Move the state of one partition into flat buffers; ``None`` when its counters differ.
 
@@ -125,7 +128,7 @@ def build(
     ``blocks`` "tensor" and "weight" the block's ``beta``, ``meta_step`` and meta moments).
     ``fresh``: the optimizer created all of it in this step, so the counters are all zero.
     """
-    has_meta = blocks != "one"
+    has_meta = blocks in ("tensor", "weight")  # "node": the blocks are shared across partitions (Nodes)
     if not _equal([s["step"] for s in states], fresh) or (has_meta and not _equal([s["meta_step"] for s in states], fresh)):
         return None
     dtype = params[0].dtype
@@ -143,5 +146,51 @@ def build(
     return Partition(
         params=params, blocks=blocks, weights=weights, weight_views=weight_views, grads=grads, grad_views=grad_views,
         trace=flat["trace"], moments={name: flat[name] for name in moment_names}, steps=steps, step=steps[0],
-        lengths=lengths, meta=meta, meta_steps=meta_steps, meta_step=None if meta_steps is None else meta_steps[0],
+        lengths=lengths, rows=rows, meta=meta, meta_steps=meta_steps,
+        meta_step=None if meta_steps is None else meta_steps[0],
     )
+
+
+@dataclass
+class Nodes:
+    """Every nodewise block of an optimizer in flat buffers: a bias takes its step sizes from the
+    rows of its weight, which may sit in another param group, so the blocks' meta state is one
+    set of buffers for all groups, each block's rows one after another, ordered by meta group."""
+
+    partitions: list[tuple[int, Partition]]  # (param group, its parameters with gradients)
+    meta: dict[str, Tensor]  # "beta" and the meta moments, one entry per row
+    meta_steps: Tensor  # one counter per block, all equal
+    meta_step: Tensor
+    ranges: list[tuple[int, slice]]  # (meta group, its rows)
+
+
+def build_nodes(
+    groups: list[tuple[int, list[Tensor], list[dict[str, Any]], list[Tensor]]],
+    owners: list[tuple[int, dict[str, Any]]], moment_names: tuple[str, ...], meta_moment_names: tuple[str, ...],
+    *, fresh: bool,
+) -> Nodes | None:
+    """Move the nodewise state into flat buffers; ``None`` when counters differ.
+
+    ``groups``: (param group, parameters, their states, each one's rows as in :class:`Nodes`);
+    ``owners``: (meta group, state) of each block, in the order of its rows.
+    """
+    partitions = []
+    for index, params, states, rows in groups:
+        partition = build(params, states, moment_names, meta_moment_names, blocks="node", fresh=fresh,
+                          rows=torch.cat(rows))
+        if partition is None:
+            return None
+        partitions.append((index, partition))
+    states = [state for _, state in owners]
+    if not _equal([s["meta_step"] for s in states], fresh):
+        return None
+    meta_dtype = states[0]["beta"].dtype
+    meta = {key: _flat(states, key, [s[key] for s in states], meta_dtype)[0]
+            for key in ("beta", *(f"meta_{name}" for name in meta_moment_names))}
+    meta_steps = _flat(states, "meta_step", [s["meta_step"] for s in states], meta_dtype)[0]
+    ranges, start = [], 0
+    for meta_group in dict.fromkeys(group for group, _ in owners):
+        end = start + sum(state["beta"].numel() for group, state in owners if group == meta_group)
+        ranges.append((meta_group, slice(start, end)))
+        start = end
+    return Nodes(partitions, meta, meta_steps, meta_steps[0], ranges)

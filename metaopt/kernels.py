@@ -184,7 +184,7 @@ KERNELS: dict[str, Callable[[], Kernel]] = {
     "reference": lambda: Kernel(_reference_base_update, _reference_meta_update),
     "foreach": lambda: Kernel(_base_update_with(_foreach_update), _counting(_foreach_meta_update)),
     # The foreach update on flat buffers: a number of ops per step that does not depend on the
-    # number of tensors (blocks="nodewise", which flat buffers do not cover, runs foreach).
+    # number of tensors.
     "flat": lambda: Kernel(
         _base_update_with(_foreach_update), _counting(_foreach_meta_update), _foreach_update, _foreach_meta_update
     ),

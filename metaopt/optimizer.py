@@ -36,8 +36,9 @@ VARIANTS = {
 }
 BLOCKS = ("scalar", "param_group", "layerwise", "nodewise", "weightwise")
 # The granularities whose state the flat kernel keeps in flat buffers (metaopt/flat.py), and the
-# kind of block each is there; nodewise (a bias's step sizes are its weight's rows) runs foreach.
+# kind of block each is there.
 FLAT_BLOCKS = {"scalar": "one", "param_group": "one", "layerwise": "tensor", "weightwise": "weight"}
+# (nodewise: the flat buffers of all param groups together, see MetaOptimize._prepare_nodes)
 
 
 class Block(NamedTuple):
@@ -146,8 +147,8 @@ class MetaOptimize(Optimizer):
             step sizes towards 1 (default 0, as in every experiment of the paper).
         kernel: ``"flat"`` (default; the state of each param group in a few flat buffers, so
             that a step dispatches the same ~30 ops however many tensors the model has: the
-            fastest where steps are bound by launches and Python, as on a GPU; see :mod:`metaopt.flat`;
-            ``nodewise`` blocks run ``foreach``), ``"foreach"`` (multi-tensor ``torch._foreach_*``
+            fastest where steps are bound by launches and Python, as on a GPU; see :mod:`metaopt.flat`),
+            ``"foreach"`` (multi-tensor ``torch._foreach_*``
             ops on each tensor's own state: on a CPU with large tensors about 20% faster than
             ``flat``, which copies the weights and gradients in and out), ``"compiled"`` (the
             ``foreach`` update compiled by ``torch.compile``, one graph per param group: the fastest
@@ -258,6 +259,7 @@ class MetaOptimize(Optimizer):
         self._kernels: list[Kernel] = []  # per param group
         # per param group: (ids of the parameters with gradients, their flat partitions), see _prepare
         self._partitions: dict[int, tuple[tuple[int, ...], list]] = {}
+        self._nodes: tuple[tuple, flat.Nodes | None] | None = None  # the same for blocks="nodewise"
         super().__init__(params, defaults)
 
     # -- hyper-parameters ---------------------------------------------------------------
@@ -347,7 +349,7 @@ class MetaOptimize(Optimizer):
         self.__dict__.setdefault("approx", exact.Approximation())
         self._block_layout = self._build_layout()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
-        self._partitions = {}
+        self._partitions, self._nodes = {}, None
         for group in self.param_groups:
             group.setdefault("lr", 1.0)
 
@@ -385,7 +387,7 @@ class MetaOptimize(Optimizer):
             state[index] = {k: v for k, v in param_state.items() if not _is_meta_key(k)}
             exact[index] = {k: v for k, v in param_state.items() if _is_meta_key(k)}
         super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "metaoptimize"}, "state": state})
-        self._partitions = {}  # the loaded state is in tensors of its own: the flat kernel gathers it again
+        self._partitions, self._nodes = {}, None  # the loaded state is in tensors of its own: the flat kernel gathers it again
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         for index, values in exact.items():
@@ -518,7 +520,10 @@ class MetaOptimize(Optimizer):
         params = list(chain.from_iterable(groups))
         if not params:
             return
-        for index, group_params in enumerate(groups):  # so that the lazily created state is in the copy
+        # so that the lazily created state, and the flat buffers that replace it, are in the copy
+        if self.blocks == "nodewise":
+            self._prepare_nodes()
+        for index, group_params in enumerate(groups):
             if group_params:
                 self._prepare(index, group_params)
         finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
@@ -569,7 +574,85 @@ class MetaOptimize(Optimizer):
         self._partitions[index] = (key, built)
         return built
 
+    def _prepare_nodes(self) -> flat.Nodes | None:
+        """With the flat kernel and nodewise blocks: the state of every parameter with a gradient in
+        flat buffers (:class:`metaopt.flat.Nodes`), built when this set of parameters first steps.
+        ``None`` (the foreach kernel) under torch.compile, for parameters of several devices or
+        dtypes, when a block's owner has no gradient, or when counters differ."""
+        if self._kernels[0].flat_update is None or torch.compiler.is_compiling():
+            return None
+        groups = [(index, [p for p in group["params"] if p.grad is not None]) for index, group in enumerate(self.param_groups)]
+        groups = [(index, params) for index, params in groups if params]
+        key = tuple((index, tuple(map(id, params))) for index, params in groups)
+        if self._nodes is not None and self._nodes[0] == key:
+            return self._nodes[1]
+        params = [p for _, group_params in groups for p in group_params]
+        fresh = all("trace" not in self.state[p] for p in params)
+        for _, group_params in groups:
+            self._init_states(group_params)
+        layout = self._layout()
+        owners = sorted({id(layout[id(p)].owner): layout[id(p)].owner for p in params}.values(),
+                        key=lambda owner: (layout[id(owner)].meta_group, layout[id(owner)].number))
+        built = None
+        with_grads = {id(p) for p in params}
+        if params and len({(p.device, p.dtype) for p in params}) == 1 and all(id(o) in with_grads for o in owners):
+            offsets, start = {}, 0
+            for owner in owners:
+                offsets[id(owner)] = start
+                start += self.state[owner]["beta"].numel()
+            device = params[0].device
+
+            def rows(p: Tensor) -> Tensor:  # the rows of the block of each element of p, row-major
+                block = layout[id(p)]
+                owned = torch.arange(self.state[block.owner]["beta"].numel(), device=device) + offsets[id(block.owner)]
+                return owned.view(block.view_shape).expand(p.shape).reshape(-1)
+
+            built = flat.build_nodes(
+                [(index, group_params, [self.state[p] for p in group_params], [rows(p) for p in group_params])
+                 for index, group_params in groups],
+                [(layout[id(owner)].meta_group, self.state[owner]) for owner in owners],
+                self.base_rule.moment_names, self.meta_rule.moment_names, fresh=fresh,
+            )
+        self._nodes = (key, built)
+        return built
+
+    def _nodewise_flat_step(self, nodes: flat.Nodes) -> None:
+        """:meth:`_hessian_free_step` on the flat buffers of :class:`metaopt.flat.Nodes`."""
+        beta = nodes.meta["beta"]
+        meta_grads = torch.zeros_like(beta)
+        for index, partition in nodes.partitions:
+            group = self.param_groups[index]
+            partition.gather()
+            meta_grads.index_add_(0, partition.rows, partition.meta_grads().to(beta.dtype))
+            step_sizes = partition.per_element(_step_sizes(group["lr"], beta))
+            partition.steps.add_(1)
+            self._kernels[index].flat_update(
+                [partition.weights], [partition.grads], [partition.trace],
+                {name: [partition.moments[name]] for name in self.base_rule.moment_names},
+                [partition.step], [step_sizes],
+                rule=self.base_rule, hp={key: group[key] for key in self.base_rule.hyperparameters},
+                weight_decay=group["weight_decay"], gamma=group["gamma"],
+            )
+            partition.scatter()
+        nodes.meta_steps.add_(1)
+        for meta_group, rows in nodes.ranges:
+            group = self.param_groups[meta_group]
+            self._kernels[meta_group].flat_meta_update(
+                [beta[rows]], [meta_grads[rows]],
+                {name: [nodes.meta[f"meta_{name}"][rows]] for name in self.meta_rule.moment_names},
+                [nodes.meta_step],
+                rule=self.meta_rule,
+                hp={key: group[f"meta_{key}"] for key in self.meta_rule.hyperparameters},
+                meta_lr=group["meta_lr"],
+                meta_weight_decay=group["meta_weight_decay"],
+            )
+
     def _hessian_free_step(self) -> None:
+        if self.blocks == "nodewise":
+            nodes = self._prepare_nodes()
+            if nodes is not None:
+                self._nodewise_flat_step(nodes)
+                return
         layout = self._layout()
         # The step size of each block in each param group that uses it, and each block's
         # meta-gradient terms (by block number), summed after the loop.

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaopt import BASES, BLOCKS, METAS, MetaOptimize
-from metaopt.optimizer import FLAT_BLOCKS, VARIANTS
+from metaopt.optimizer import VARIANTS
 from metaopt.kernels import KERNELS
 
 PAIRS = list(itertools.product(BASES, METAS))
@@ -156,7 +156,7 @@ def test_foreach_kernel_equals_reference_on_cuda(base, meta, blocks):
 
 
 @CUDA
-@pytest.mark.parametrize("blocks", FLAT_BLOCKS)
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("base,meta", PAIRS)
 def test_flat_kernel_equals_reference_on_cuda(base, meta, blocks):
     assert_kernel_equals_reference(base, meta, blocks, "flat", steps=8, device="cuda")
@@ -223,7 +223,7 @@ def ops_per_step(n_tensors, base, meta, blocks, kernel):
     return counter.count
 
 
-@pytest.mark.parametrize("blocks", FLAT_BLOCKS)
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("base,meta", [("adamw", "lion"), ("sgdm", "adam"), ("rmsprop", "rmsprop"), ("lion", "lion")])
 def test_the_flat_kernel_dispatches_as_many_ops_for_any_number_of_tensors(base, meta, blocks):
     flat_ops = [ops_per_step(n, base, meta, blocks, "flat") for n in (2, 64)]
@@ -247,7 +247,7 @@ def train_with_gradients_missing(model, optimizer, steps, missing):
         optimizer.step()
 
 
-@pytest.mark.parametrize("blocks", FLAT_BLOCKS)
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("base,meta", [("adamw", "adam"), ("sgdm", "lion")])
 def test_the_flat_kernel_when_the_parameters_with_gradients_change(base, meta, blocks):
     """Steps without some gradients regroup the flat buffers; afterwards the hidden layer's counters
@@ -264,7 +264,7 @@ def test_the_flat_kernel_when_the_parameters_with_gradients_change(base, meta, b
     assert ((step_sizes - expected_step_sizes) / expected_step_sizes).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("blocks", FLAT_BLOCKS)
+@pytest.mark.parametrize("blocks", BLOCKS)
 def test_a_state_dict_moves_between_the_flat_and_the_foreach_kernel(blocks):
     """The kernel is not part of the state: 4 steps with one, 4 with the other, as 8 with the reference."""
     results = []

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaopt import BASES, BLOCKS, METAS, MetaOptimize, RULES
-from metaopt.optimizer import _OLD_DYNAMO, BASES as RULE_OF_BASE, FLAT_BLOCKS
+from metaopt.optimizer import _OLD_DYNAMO, BASES as RULE_OF_BASE
 
 PAIRS = list(itertools.product(BASES, METAS))
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -178,10 +178,12 @@ def test_state_is_the_trace_and_the_base_moments(base, blocks, kernel):
     n_tensors = len(list(model.parameters()))
     per_param_bytes = 8 * ((1 + len(moments)) * n_params + n_tensors)  # trace, base moments; step counters
     per_block_bytes = 8 * (3 * block_numel + len(block_shapes))  # beta, meta exp_avg and exp_avg_sq; meta step
-    flat = kernel == "flat" and blocks in FLAT_BLOCKS
+    flat = kernel == "flat"
     gather_bytes = 2 * 8 * n_params if flat else 0  # the flat kernel's gathered weights and gradients
     if flat and blocks == "layerwise":
         gather_bytes += 8 * n_tensors  # each tensor's length, for the segmented sums
+    if flat and blocks == "nodewise":
+        gather_bytes += 8 * n_params  # each weight's row (int64)
     assert new_bytes == per_param_bytes + per_block_bytes + gather_bytes
     for t in range(1, 4):
         optimizer.zero_grad(set_to_none=False)
