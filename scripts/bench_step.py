@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from metaopt import BASES, METAS, MetaOptimize, param_groups_by_prefix
-from metaopt.models import llama2c_15m, resnet18_cifar
+from experiments.models import llama2c_15m, resnet18_cifar
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "performance"
 MODELS = {"resnet18_cifar": (resnet18_cifar, "resnet18"), "llama2c_15m": (llama2c_15m, "llama2c")}
