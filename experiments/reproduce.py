@@ -24,6 +24,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 ITEMS = tuple(sorted((path.stem for path in (CONF / "experiment").glob("*.yaml")),
                      key=lambda name: (name.rstrip("0123456789"), int("0" + name[len(name.rstrip("0123456789")):]))))
 SCALES = ("full", "mini", "smoke")
+# The first columns of results/<item>/runs.csv (scripts/collect_runs.py), a run's identity; the swept
+# keys follow, then the columns of its metrics.csv (from step on).
+IDENTITY = ("item", "scale", "grid", "arm", "run", "seed", "status")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
 
 Hydra composes the config from conf/ (conf/train.yaml lists the groups); the run folder is
 named from the overrides and the seed (conf/hydra/default.yaml), and running the same
-command again resumes from the checkpoint in it. The loop is metaopt/trainer.py.
+command again resumes from the checkpoint in it. The loop is experiments/trainer.py.
 """
 
 import sys
@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from metaopt.trainer import train
+from experiments.trainer import train
 
 # conf/hydra/default.yaml joins the parts of a run folder's name, skipping empty ones
 # (no experiment, no overrides besides the seed).

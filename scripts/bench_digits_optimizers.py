@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from experiments.trainer import train
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from metaopt.trainer import train  # noqa: E402
 
 OUT = REPO / "results" / "digits_optimizers"
 TABLES = {

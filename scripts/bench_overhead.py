@@ -17,7 +17,7 @@ CPU runs shrink the batches (``--batch``) to stay within minutes; a smaller batc
 optimizer's share of an iteration, and so every time overhead, larger than at the paper's.
 
 The optimizers are ``conf/optimizer/*.yaml``, built by the trainer's adapters
-(``metaopt.baselines``): AdamW (fixed and cosine), MetaOptimize variants, DoG (with its
+(``experiments.adapters``): AdamW (fixed and cosine), MetaOptimize variants, DoG (with its
 averager), Prodigy, mechanic (AdamW) and gdtuo (Adam over Adam; not on the transformer,
 whose tied embeddings gdtuo cannot update).
 
@@ -44,11 +44,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from metaopt.trainer import build_adapter
+from experiments.machine import machine
+from experiments.trainer import build_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from bench_step import machine  # noqa: E402  (the scripts folder is not a package)
 
 RESULTS = ROOT / "results" / "performance"
 TOTAL_STEPS = 100_000  # for the schedules; the benchmark runs a few of them

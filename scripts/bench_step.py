@@ -33,8 +33,6 @@ import argparse
 import csv
 import functools
 import itertools
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -44,9 +42,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from experiments.machine import machine
+from experiments.models import llama2c_15m, resnet18_cifar
 from metaopt import BASES, BLOCKS, METAS, MetaOptimize, param_groups_by_prefix
 from metaopt.kernels import KERNELS
-from metaopt.models import llama2c_15m, resnet18_cifar
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "performance"
 MODELS = {"resnet18_cifar": (resnet18_cifar, "resnet18"), "llama2c_15m": (llama2c_15m, "llama2c")}
@@ -61,19 +60,6 @@ PLAIN_BASES = {
 }
 ADAMW_FUSED = PLAIN_BASES["adamw"][1]
 ADAMW_FOREACH = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, foreach=True)
-
-
-def machine(device: torch.device) -> str:
-    """The device in words, for the tables."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or "CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} thread(s), torch {torch.__version__}"
 
 
 class Candidate:

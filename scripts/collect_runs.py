@@ -17,11 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/, hydra_plugins/
-
-from experiments.reproduce import ITEMS, SCALES, compose_experiment, expected_runs, run_dir_key  # noqa: E402
-
-IDENTITY = ["item", "scale", "grid", "arm", "run", "seed", "status"]
+from experiments.reproduce import IDENTITY, ITEMS, SCALES, compose_experiment, expected_runs, run_dir_key
 
 
 def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, list[str]]:
@@ -57,7 +53,7 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=IDENTITY + swept + metric_columns, restval="")
+        writer = csv.DictWriter(f, fieldnames=[*IDENTITY, *swept, *metric_columns], restval="")
         writer.writeheader()
         writer.writerows(rows)
     return len(rows), missing

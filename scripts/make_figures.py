@@ -22,7 +22,6 @@ import argparse
 import csv
 import math
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,11 +30,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: experiments/, hydra_plugins/
+from experiments.reproduce import IDENTITY, ITEMS, compose_experiment, expected_runs  # noqa: E402
 
-from experiments.reproduce import ITEMS, compose_experiment, expected_runs  # noqa: E402
-
-IDENTITY = ("item", "scale", "grid", "arm", "run", "seed", "status")
 SUMMARY_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "step_size")
 
 

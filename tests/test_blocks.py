@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from metaopt import MetaOptimize, param_groups_by_prefix
-from metaopt.models import resnet18_cifar, tiny_transformer
+from experiments.models import resnet18_cifar, tiny_transformer
 
 
 def step_once(model, optimizer, inputs):

@@ -5,8 +5,8 @@ import json
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from metaopt.data import digits
-from metaopt.trainer import train
+from experiments.data import digits
+from experiments.trainer import train
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.trainer_helpers import CONF, TINY, compose_train, finite, read_metrics
 

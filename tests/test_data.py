@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from metaopt.data import (
+from experiments.data import (
     DataSplits,
     TokenWindows,
     cifar10,
@@ -33,7 +33,7 @@ from metaopt.data import (
     text_corpus,
     tinystories,
 )
-from metaopt.data.images import CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_FILES
+from experiments.data.images import CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_FILES
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -50,7 +50,6 @@ def load_script(name: str):
 
 
 def check_classification(splits: DataSplits, num_classes: int, shape: tuple):
-    assert splits.kind == "classification"
     assert splits.model_kwargs == {"num_classes": num_classes, "in_channels": shape[0], "image_size": shape[-1]}
     for dataset in (splits.train, splits.test):
         x, y = dataset[0]
@@ -286,7 +285,7 @@ def test_tinystories_from_a_local_archive(tmp_path):
     assert tokenizer.decode(stories[7][1:].tolist()) == shards[0][7].strip()
 
     splits = tinystories(root=str(root), batch_size=4, max_seq_len=32, vocab_size=512)
-    assert splits.kind == "language_model" and splits.batch_size == 4
+    assert splits.batch_size == 4
     assert splits.model_kwargs == {"vocab_size": 512, "max_seq_len": 32}
     assert len(splits.test) == (len(tokens) - 1) // 32
     assert len(splits.train) == sum((os.path.getsize(b) // 2 - 1) // 32 for b in bins[1:])
@@ -331,7 +330,7 @@ def test_text_corpus_byte_level(tmp_path):
     text = "".join(f"Line {i}: naïve café, the quick brown fox.\n" for i in range(200))
     path.write_text(text, encoding="utf-8")
     splits = text_corpus(str(path), batch_size=8, max_seq_len=64, vocab_size=256, cache_dir=str(tmp_path / "cache"))
-    assert splits.kind == "language_model" and splits.model_kwargs == {"vocab_size": 256, "max_seq_len": 64}
+    assert splits.model_kwargs == {"vocab_size": 256, "max_seq_len": 64}
     # the last 10% of the text, moved back to the line break before it, is the test split
     train_bytes = len(text[: text.index("Line 180:")].encode("utf-8"))
     assert len(splits.train) == (train_bytes - 1) // 64

@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 from experiments.reproduce import CONF, ITEMS, SCALES, compose_experiment, expected_runs
 from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
 from metaopt.blocks import RESNET18_BLOCKS, param_groups_by_prefix
-from metaopt.models import SixBlockMLP
-from metaopt.models.resnet import resnet_mini
+from experiments.models import SixBlockMLP
+from experiments.models.resnet import resnet_mini
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

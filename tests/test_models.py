@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaopt.blocks import param_groups_by_prefix
-from metaopt.models import llama2c, llama2c_15m, mlp, resnet18, resnet18_cifar, small_cnn, tiny_transformer
+from experiments.models import llama2c, llama2c_15m, mlp, resnet18, resnet18_cifar, small_cnn, tiny_transformer
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from metaopt import checkpoint
-from metaopt.files import LOCK_NAME, LockingUnsupported, RunFolderInUse
-from metaopt.trainer import train
+from experiments import checkpoint
+from experiments.files import LOCK_NAME, LockingUnsupported, RunFolderInUse
+from experiments.trainer import train
 from tests.test_trainer import _rows_if_any, read_wandb_history, train_until_preempted
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.trainer_helpers import TINY, compose_train, computed_columns, finite, read_metrics
@@ -238,7 +238,7 @@ def test_a_scheduled_step_size_of_zero_finishes(tmp_path):
 
 def test_a_second_process_on_the_folder_stops_and_a_dead_ones_lock_is_taken_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from metaopt.files import RunLock\n"
+        [sys.executable, "-c", "import sys, time; from experiments.files import RunLock\n"
          "with RunLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)", str(tmp_path)],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     try:

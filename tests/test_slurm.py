@@ -27,7 +27,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import experiments.train  # noqa: F401  (the path_join resolver of conf/hydra/default.yaml)
-from metaopt import checkpoint
+from experiments import checkpoint
 from tests.trainer_helpers import CONF, computed_columns, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

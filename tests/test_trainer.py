@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from metaopt import checkpoint
-from metaopt.trainer import train
+from experiments import checkpoint
+from experiments.trainer import train
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.trainer_helpers import TINY, compose_train, computed_columns, finite, read_metrics
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from metaopt.trainer import train
-from metaopt.validation import TRAINER
+from experiments.trainer import train
+from experiments.validation import TRAINER
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.trainer_helpers import CONF, TINY, compose_train
 
@@ -36,8 +36,8 @@ BAD_VALUES = {
     "dataset.batch_size=0": r"dataset.batch_size=0 is not allowed: dataset.batch_size must be an integer >= 1",
     "dataset.batch_size=-1": r"dataset.batch_size=-1 is not allowed",
     "dataset.test_fraction=1.5": r"dataset.test_fraction=1.5 is not allowed: .* a finite number in \(0, 1\)",
-    "+dataset.batchsize=8": r"dataset.batchsize is not a setting .*Did you mean dataset.batch_size\?.*metaopt.data.digits",
-    "+model.hiden=[64]": r"model.hiden is not a setting .*Did you mean model.hidden\?.*metaopt.models.mlp",
+    "+dataset.batchsize=8": r"dataset.batchsize is not a setting .*Did you mean dataset.batch_size\?.*experiments.data.digits",
+    "+model.hiden=[64]": r"model.hiden is not a setting .*Did you mean model.hidden\?.*experiments.models.mlp",
     "model=llama2c model.dropout=1.0": r"model.dropout=1.0 is not allowed: .* a finite number in \[0, 1\)",
     "model=llama2c model.n_heads=0": r"model.n_heads=0 is not allowed: .* an integer >= 1",
     "seed=abc": r"seed='abc' \(str\) is not allowed: seed must be an integer",
@@ -68,7 +68,7 @@ def test_a_bad_wandb_mode_in_the_environment_is_named(tmp_path, monkeypatch):
 
 def test_an_empty_test_split_is_named(tmp_path):
     # 0.0001 of 1,797 digits rounds to no test image
-    with pytest.raises(ValueError, match=r"the test split of metaopt.data.digits is empty.*trainer.eval_every=0"):
+    with pytest.raises(ValueError, match=r"the test split of experiments.data.digits is empty.*trainer.eval_every=0"):
         train(compose_train(*TINY, "dataset.test_fraction=0.0001"), str(tmp_path / "run"))
     result = train(compose_train(*TINY, "dataset.test_fraction=0.0001", "trainer.eval_every=0"), str(tmp_path / "ok"))
     assert result.summary["status"] == "finished"

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from metaopt.data.common import DataSplits, require
+from experiments.data.common import DataSplits, require
 
 # The authors' released CIFAR-10 code (sabersalehk/MetaOptimize, cifar10/load_data.py)
 # normalises with 0.5/0.5 and does not augment; the defaults below reproduce that.
@@ -49,7 +49,6 @@ def _split_in_memory(
         train=TensorDataset(x[train_idx], y[train_idx]),
         test=TensorDataset(x[test_idx], y[test_idx]),
         batch_size=batch_size,
-        kind="classification",
         model_kwargs={"num_classes": int(y.max()) + 1, "in_channels": 1, "image_size": x.shape[-1]},
     )
 
@@ -89,7 +88,6 @@ def _ten_class_splits(
         train=train,
         test=_normalized_in_memory(dataset_class(root, train=False), mean, std),
         batch_size=batch_size,
-        kind="classification",
         model_kwargs={"num_classes": 10, "in_channels": len(mean), "image_size": size},
     )
 
@@ -184,6 +182,5 @@ def imagenet(root: str = "data/imagenet", batch_size: int = 256) -> DataSplits:
         train=train,
         test=test,
         batch_size=batch_size,
-        kind="classification",
         model_kwargs={"num_classes": len(train.classes), "in_channels": 3, "image_size": 224},
     )

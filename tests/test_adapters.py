@@ -1,4 +1,4 @@
-"""The adapters of metaopt/baselines.py: each works around its package's documented bug."""
+"""The adapters of experiments/adapters.py: each works around its package's documented bug."""
 
 import functools
 import io
@@ -9,7 +9,7 @@ import torch
 from dog import DoG
 from torch import nn
 
-from metaopt.baselines import DoGAdapter, GdtuoAdapter, MechanicAdapter, OptimizerAdapter, warmup_cosine
+from experiments.adapters import DoGAdapter, GdtuoAdapter, MechanicAdapter, OptimizerAdapter, warmup_cosine
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)

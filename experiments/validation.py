@@ -98,7 +98,7 @@ WANDB = {
     "tags": Setting("list"),
 }
 
-# The keywords of the dataset builders (metaopt/data/), wherever a builder takes them; a
+# The keywords of the dataset builders (experiments/data/), wherever a builder takes them; a
 # keyword a builder does not take is refused from its signature.
 DATASET = {
     "batch_size": Setting("int", low=1),
@@ -113,7 +113,7 @@ DATASET = {
 }
 
 
-# The keywords of the model builders (metaopt/models/), as for the datasets.
+# The keywords of the model builders (experiments/models/), as for the datasets.
 MODEL = {
     "dim": Setting("int", low=1),
     "n_layers": Setting("int", low=1),

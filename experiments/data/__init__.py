@@ -1,12 +1,12 @@
-"""Dataset builders for the experiments: each returns a DataSplits (train, test, batch size, kind, model kwargs).
+"""Dataset builders for the experiments: each returns a DataSplits (train, test, batch size, model kwargs).
 
 Builders read files that are already on disk and never download; a missing dataset raises
 FileNotFoundError with the command that prepares it.
 """
 
-from metaopt.data.common import DataSplits
-from metaopt.data.images import cifar10, digits, fashion_mnist, imagenet, mnist
-from metaopt.data.text import TokenWindows, text_corpus, tinystories, train_tokenizer
+from experiments.data.common import DataSplits
+from experiments.data.images import cifar10, digits, fashion_mnist, imagenet, mnist
+from experiments.data.text import TokenWindows, text_corpus, tinystories, train_tokenizer
 
 __all__ = [
     "DataSplits",

@@ -4,7 +4,7 @@ metrics.csv is the run's record (the figures are built from it): one row per log
 with train rows and evaluation rows merged when they fall on the same step. A resumed run
 first drops the rows written after its checkpoint, so the file ends up exactly as an
 uninterrupted run would have written it. That trimmed copy replaces the file atomically
-(metaopt/files.py), and a last line torn by a kill is dropped with the rows after the
+(experiments/files.py), and a last line torn by a kill is dropped with the rows after the
 checkpoint, so no kill at any moment empties or garbles the file; rows are then appended.
 
 A W&B run is keyed by the run folder, so a resumed run continues it. A process killed with
@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from metaopt.files import atomic_write
+from experiments.files import atomic_write
 
 
 class MetricsLog:

@@ -19,8 +19,8 @@ import sentencepiece as spm
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from metaopt.data.common import DataSplits, require
-from metaopt.files import atomic_write
+from experiments.data.common import DataSplits, require
+from experiments.files import atomic_write
 
 
 def train_tokenizer(text_file: str, model_prefix: str, vocab_size: int) -> str:
@@ -144,7 +144,6 @@ def tinystories(
         train=ConcatDataset([TokenWindows(shard, max_seq_len, vocab_size, prepare) for shard in shards[1:]]),
         test=TokenWindows(shards[0], max_seq_len, vocab_size, prepare),
         batch_size=batch_size,
-        kind="language_model",
         model_kwargs={"vocab_size": vocab_size, "max_seq_len": max_seq_len},
     )
 
@@ -200,6 +199,5 @@ def text_corpus(
         train=TokenWindows(train_bin, max_seq_len, vocab_size, f"rm -r {cache}   (the next run rebuilds it)"),
         test=TokenWindows(test_bin, max_seq_len, vocab_size, f"rm -r {cache}   (the next run rebuilds it)"),
         batch_size=batch_size,
-        kind="language_model",
         model_kwargs={"vocab_size": vocab_size, "max_seq_len": max_seq_len},
     )

@@ -4,9 +4,9 @@ Classifiers take (num_classes, in_channels, image_size) and return (N, classes) 
 models take (vocab_size, max_seq_len) and return (N, T, vocab) logits.
 """
 
-from metaopt.models.llama2c import ModelArgs, Transformer, llama2c, llama2c_15m, tiny_transformer
-from metaopt.models.resnet import resnet18, resnet18_cifar
-from metaopt.models.small import SixBlockMLP, mlp, small_cnn
+from experiments.models.llama2c import ModelArgs, Transformer, llama2c, llama2c_15m, tiny_transformer
+from experiments.models.resnet import resnet18, resnet18_cifar
+from experiments.models.small import SixBlockMLP, mlp, small_cnn
 
 __all__ = [
     "ModelArgs",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaopt.files import atomic_write
+from experiments.files import atomic_write
 
 
 class DamagedCheckpoint(ValueError):

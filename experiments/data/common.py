@@ -7,27 +7,20 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-KINDS = ("classification", "language_model")
-
 
 @dataclass
 class DataSplits:
     """The train and test splits of a dataset, with what the trainer and the model builders need.
 
-    classification: items are (float image (C, H, W), int64 label), and model_kwargs holds
-    num_classes, in_channels and image_size. language_model: items are (int64 tokens (T,),
+    Image classification: items are (float image (C, H, W), int64 label), and model_kwargs holds
+    num_classes, in_channels and image_size. Language modelling: items are (int64 tokens (T,),
     int64 next tokens (T,)), and model_kwargs holds vocab_size and max_seq_len.
     """
 
     train: Dataset
     test: Dataset
     batch_size: int
-    kind: str
     model_kwargs: dict
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
 
 def require(*paths: str, prepare: str) -> None:

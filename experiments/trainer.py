@@ -6,7 +6,7 @@ which logs train loss / accuracy / step sizes every ``log_every`` steps, evaluat
 ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked to stop
 (SIGTERM, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss or a step size
 stops being finite. Every optimizer goes through the same adapter calls
-(metaopt/baselines.py); nothing here depends on which optimizer runs.
+(experiments/adapters.py); nothing here depends on which optimizer runs.
 
 Both tasks use one loss: ``cross_entropy(logits.flatten(0, -2), y.flatten())`` (class logits
 for images, next-token logits for language models).
@@ -41,9 +41,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from metaopt import checkpoint, files
-from metaopt.loggers import MetricsLog, run_metadata, write_json
-from metaopt.validation import check_config
+from experiments import checkpoint, files
+from experiments.loggers import MetricsLog, run_metadata, write_json
+from experiments.validation import check_config
 
 # Config sections a resumed run must share with its checkpoint (the rest may change: a
 # longer budget, another device, another logger).
@@ -65,8 +65,8 @@ class TrainResult:
 def train(cfg: DictConfig, run_dir: str) -> TrainResult:
     """Train as ``cfg`` says in ``run_dir``, continuing from its checkpoint if it holds one.
 
-    Every value of the config is checked first (metaopt/validation.py); the run folder stays
-    locked against other processes until this returns or raises (metaopt/files.py).
+    Every value of the config is checked first (experiments/validation.py); the run folder stays
+    locked against other processes until this returns or raises (experiments/files.py).
     """
     check_config(cfg)
     with contextlib.ExitStack() as run_folder_lock:
@@ -348,7 +348,7 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
 
 
 def build_adapter(optimizer_cfg: DictConfig, model: nn.Module, total_steps: int):
-    """The optimizer of a conf/optimizer/*.yaml node inside its adapter (metaopt/baselines.py):
+    """The optimizer of a conf/optimizer/*.yaml node inside its adapter (experiments/adapters.py):
     the node holds the optimizer's own keywords, plus `adapter`, the loop contract that drives
     it, which receives the optimizer factory."""
     optimizer_keys = [key for key in optimizer_cfg if key != "adapter"]
