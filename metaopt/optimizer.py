@@ -147,10 +147,10 @@ class MetaOptimize(Optimizer):
             step sizes towards 1 (default 0, as in every experiment of the paper).
         kernel: ``"flat"`` (default; the state of each param group in a few flat buffers, so
             that a step dispatches the same ~30 ops however many tensors the model has: the
-            fastest where steps are bound by launches and Python, as on a GPU; see :mod:`metaopt.flat`),
-            ``"foreach"`` (multi-tensor ``torch._foreach_*``
-            ops on each tensor's own state: on a CPU with large tensors about 20% faster than
-            ``flat``, which copies the weights and gradients in and out), ``"compiled"`` (the
+            fastest where steps are bound by launches and Python, as on a GPU; on a CPU, param
+            groups whose tensors average over 131,072 elements run ``foreach``, which moves fewer
+            bytes; see :mod:`metaopt.flat`), ``"foreach"`` (multi-tensor ``torch._foreach_*``
+            ops on each tensor's own state), ``"compiled"`` (the
             ``foreach`` update compiled by ``torch.compile``, one graph per param group: the fastest
             steps on a CPU after a first step that compiles, about a second per tensor; needs a
             working Inductor) or ``"reference"`` (one tensor at a time, the equations as written
@@ -567,6 +567,9 @@ class MetaOptimize(Optimizer):
         self._init_states(params)
         built = []
         for members in flat.partitions(params):
+            if not flat.pays_off(members):
+                built.append((members, None))
+                continue
             built.append((members, flat.build(
                 members, [self.state[p] for p in members], self.base_rule.moment_names, self.meta_rule.moment_names,
                 blocks=FLAT_BLOCKS[self.blocks], fresh=all(id(p) in fresh for p in members),
@@ -578,7 +581,8 @@ class MetaOptimize(Optimizer):
         """With the flat kernel and nodewise blocks: the state of every parameter with a gradient in
         flat buffers (:class:`metaopt.flat.Nodes`), built when this set of parameters first steps.
         ``None`` (the foreach kernel) under torch.compile, for parameters of several devices or
-        dtypes, when a block's owner has no gradient, or when counters differ."""
+        dtypes, for large tensors on a CPU (:func:`metaopt.flat.pays_off`), when a block's owner
+        has no gradient, or when counters differ."""
         if self._kernels[0].flat_update is None or torch.compiler.is_compiling():
             return None
         groups = [(index, [p for p in group["params"] if p.grad is not None]) for index, group in enumerate(self.param_groups)]
@@ -595,7 +599,8 @@ class MetaOptimize(Optimizer):
                         key=lambda owner: (layout[id(owner)].meta_group, layout[id(owner)].number))
         built = None
         with_grads = {id(p) for p in params}
-        if params and len({(p.device, p.dtype) for p in params}) == 1 and all(id(o) in with_grads for o in owners):
+        one_kind = params and len({(p.device, p.dtype) for p in params}) == 1
+        if one_kind and flat.pays_off(params) and all(id(owner) in with_grads for owner in owners):
             offsets, start = {}, 0
             for owner in owners:
                 offsets[id(owner)] = start
@@ -689,7 +694,7 @@ class MetaOptimize(Optimizer):
             if partitions is not None:
                 unflattened = []
                 for members, partition in partitions:
-                    if partition is None:  # counters that differ: the foreach kernel
+                    if partition is None:  # large tensors on a CPU, or counters that differ: the foreach kernel
                         unflattened += members
                         continue
                     partition.gather()

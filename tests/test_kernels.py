@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from metaopt import BASES, BLOCKS, METAS, MetaOptimize
+from metaopt import BASES, BLOCKS, METAS, MetaOptimize, flat
 from metaopt.optimizer import VARIANTS
 from metaopt.kernels import KERNELS
 
@@ -280,3 +280,16 @@ def test_a_state_dict_moves_between_the_flat_and_the_foreach_kernel(blocks):
     for weights, step_sizes in others:
         assert (weights - expected_weights).norm() / expected_weights.norm() < 1e-12
         assert ((step_sizes - expected_step_sizes) / expected_step_sizes).abs().max() < 1e-12
+
+
+def test_on_a_cpu_large_tensors_keep_the_foreach_kernel():
+    """Above CPU_MAX_MEAN_NUMEL elements a tensor on average the copies into flat buffers cost
+    more than they save (metaopt/flat.py): such a param group keeps each tensor's own state."""
+    small = [nn.Parameter(torch.randn(8)) for _ in range(3)]
+    large = [nn.Parameter(torch.randn(flat.CPU_MAX_MEAN_NUMEL + 1)) for _ in range(2)]
+    optimizer = MetaOptimize([{"params": small}, {"params": large}], "adamw", "lion", kernel="flat")
+    for p in small + large:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert all(optimizer.state[p]["trace"]._base is not None for p in small)  # views of one flat buffer
+    assert all(optimizer.state[p]["trace"]._base is None for p in large)
