@@ -32,6 +32,7 @@ continual: $(STAMP)  ## MetaOptimize vs tuned fixed steps vs IDBD on two non-sta
 BENCH_DEVICE ?= cpu
 bench: $(STAMP)  ## optimizer-step time against fused AdamW, Table 1 overheads against every baseline (BENCH_DEVICE=cpu|cuda; CPU ~2 h): results/performance/
 	$(PY) scripts/bench_step.py --device $(BENCH_DEVICE)
+	$(PY) scripts/bench_step.py --proxy
 	$(PY) scripts/bench_overhead.py --device $(BENCH_DEVICE)
 
 test: $(STAMP)  ## the fast tests (no GPU, no network, no W&B account)
