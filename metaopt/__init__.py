@@ -2,8 +2,8 @@
 
 from metaopt.blocks import RESNET18_BLOCKS, llama2c_blocks, param_groups_by_prefix
 from metaopt.exact import Approximation
-from metaopt.optimizer import BASES, BLOCKS, METAS, MetaOptimize
-from metaopt.rules import RULES, Rule
+from metaopt.optimizer import BLOCKS, MetaOptimize
+from metaopt.rules import BASES, METAS, RULES, Rule
 from metaopt.special_cases import hypergradient_descent, idbd
 
 __all__ = [

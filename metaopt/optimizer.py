@@ -18,22 +18,10 @@ from torch.optim import Optimizer
 
 from metaopt import exact, flat
 from metaopt.kernels import KERNELS, Kernel
-from metaopt.rules import RULES, Rule
+from metaopt.rules import BASES, METAS, RULES, VARIANTS, Rule
 
 _OLD_DYNAMO = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
-# Base and meta names of the paper, and the rule each one uses in each variant: "standard"
-# (moment averages, bias-corrected, as torch.optim) and "released" (the authors' research code,
-# which made the paper's figures: discounted sums, SGDm with the momentum from before the step).
-BASES = {"sgd": "sgd", "sgdm": "sgdm", "rmsprop": "rmsprop", "adamw": "adam", "lion": "lion"}
-METAS = {"sgd": "sgd", "rmsprop": "rmsprop", "adam": "adam", "lion": "lion"}
-VARIANTS = {
-    "standard": (BASES, METAS),
-    "released": (
-        {"sgd": "sgd", "sgdm": "sgdm_delayed", "rmsprop": "rmsprop_sum", "adamw": "adam_sum", "lion": "lion"},
-        {"sgd": "sgd", "rmsprop": "rmsprop_sum", "adam": "adam_sum", "lion": "lion"},
-    ),
-}
 BLOCKS = ("scalar", "param_group", "layerwise", "nodewise", "weightwise")
 # The granularities whose state the flat kernel keeps in flat buffers (metaopt/flat.py), and the
 # kind of block each is there.
@@ -57,17 +45,14 @@ def _is_meta_key(key: str) -> bool:
     return key in ("step", "beta") or key.startswith("meta_")
 
 # The keys each block takes from one param group (its meta group): the block's initial step size
-# and its meta update. Groups that share a block must agree on them.
-BLOCK_KEYS = ("alpha0", "meta_lr", "meta_weight_decay", "meta_momentum", "meta_normalizer", "meta_lion_interp", "meta_eps")
+# and its meta update (with the meta rule's hyper-parameters). Groups that share a block must agree on them.
+BLOCK_KEYS = ("alpha0", "meta_lr", "meta_weight_decay")
 # alpha0 outside this range under- or overflows exp(beta) in float32 at once (step size 0 or inf)
 ALPHA0_RANGE = (1e-30, 1e3)
+# The driver's hyper-parameters (the rules carry theirs): (lowest, highest, whether the highest is allowed)
 _RANGES = {
-    # keyword: (lowest allowed, highest allowed, whether the highest is allowed); eps must be > 0
-    "momentum": (0.0, 1.0, False),
-    "normalizer": (0.0, 1.0, False),
-    "lion_interp": (0.0, 1.0, True),
-    "eps": (math.ulp(0.0), math.inf, False),
     "weight_decay": (0.0, math.inf, False),
+    "meta_weight_decay": (0.0, math.inf, False),
     "gamma": (0.0, 1.0, True),
     "meta_lr": (0.0, math.inf, False),
     "lr": (0.0, math.inf, False),
@@ -166,7 +151,11 @@ class MetaOptimize(Optimizer):
             optimizer state per step. Without it (the default) one non-finite gradient entry makes
             the weights and the step sizes non-finite: the trainer of this repository stops there.
 
-    A keyword that the chosen base or meta rule does not use raises ``ValueError``.
+        **rule_hyperparameters: the hyper-parameters of a rule added to :mod:`metaopt.rules`
+            beyond the keywords above (``meta_<name>`` for the meta rule's).
+
+    A keyword that the chosen base or meta rule does not use raises ``ValueError``, and so does a
+    value outside the range the rule allows.
 
     State: ``state[p]["trace"]`` is the trace of ``p``; ``state[p]["step"]`` counts its
     updates; the base rule's moments are ``exp_avg`` / ``exp_avg_sq``. Each block keeps
@@ -205,6 +194,7 @@ class MetaOptimize(Optimizer):
         kernel: str = "flat",
         approx: str | exact.Approximation = "hessian_free",
         skip_nonfinite: bool = False,
+        **rule_hyperparameters: float,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}: variant must be one of {list(VARIANTS)}")
@@ -239,6 +229,7 @@ class MetaOptimize(Optimizer):
             "meta_normalizer": meta_normalizer,
             "meta_lion_interp": meta_lion_interp,
             "meta_eps": meta_eps,
+            **rule_hyperparameters,  # those of a rule added to metaopt.rules beyond the keywords above
         }
         defaults = {
             "lr": lr,
@@ -266,8 +257,7 @@ class MetaOptimize(Optimizer):
 
     def _rule_defaults(self) -> dict[str, float]:
         """The hyper-parameters the chosen rules use, with the paper's defaults."""
-        name = self.base if isinstance(self.base, str) else None
-        defaults = {"weight_decay": 0.0 if name == "sgd" else 0.1, **self.base_rule.hyperparameters}
+        defaults = {"weight_decay": self.base_rule.weight_decay, **self.base_rule.hyperparameters}
         defaults.update({f"meta_{key}": value for key, value in self.meta_rule.hyperparameters.items()})
         return defaults
 
@@ -290,23 +280,28 @@ class MetaOptimize(Optimizer):
                 f"got {alpha0!r}"
             )
         for key, value in hyperparameters.items():
-            name = key[len("meta_") :] if key.startswith("meta_") and key != "meta_lr" else key
-            if name not in _RANGES or isinstance(value, Tensor):
+            if key in _RANGES:
+                allowed = _RANGES[key]
+            elif key.startswith("meta_"):
+                allowed = self.meta_rule.range_of(key[len("meta_") :])
+            else:
+                allowed = self.base_rule.range_of(key)
+            if allowed is None or isinstance(value, Tensor):
                 continue
-            low, high, high_allowed = _RANGES[name]
+            low, high, high_allowed = allowed
             if (
                 not isinstance(value, (int, float))
                 or isinstance(value, bool)
                 or not (low <= value < high or (high_allowed and value == high))
             ):
-                interval = f"({0.0}, {high})" if name == "eps" else f"[{low}, {high}{']' if high_allowed else ')'}"
+                interval = f"({0.0}, {high})" if low == math.ulp(0.0) else f"[{low}, {high}{']' if high_allowed else ')'}"
                 raise ValueError(f"{key}{where} must be in {interval}, got {value!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         reserved = {"base", "meta", "blocks", "kernel"} & param_group.keys()
         if reserved:
             raise ValueError(f"{sorted(reserved)} cannot differ between param groups; pass them to MetaOptimize(...)")
-        rule_keys = {"weight_decay", "momentum", "normalizer", "lion_interp", "eps"}
+        rule_keys = {"weight_decay", *chain.from_iterable(rule.hyperparameters for rule in RULES.values())}
         rule_keys |= {f"meta_{key}" for key in rule_keys}
         for key in param_group.keys() & rule_keys:
             if key not in self.defaults:
@@ -451,7 +446,7 @@ class MetaOptimize(Optimizer):
         own values would be ignored, rather than ignore them."""
         for block in self._block_layout.values():
             group, meta_group = self.param_groups[block.group], self.param_groups[block.meta_group]
-            for key in BLOCK_KEYS:
+            for key in (*BLOCK_KEYS, *(f"meta_{name}" for name in self.meta_rule.hyperparameters)):
                 if key in group and group[key] != meta_group[key]:
                     shared = {"scalar": "one step size for all groups", "param_group": "one step size per block name",
                               "nodewise": "a bias's step sizes with its weight's rows"}[self.blocks]

@@ -38,13 +38,19 @@ Every rule comes twice:
   list itself (``sgd``), a moment list (``sgdm``), which callers must not modify, or new
   tensors, which callers may overwrite (the kernels write the weight change into them).
 
-Adding a rule is one pure ``direction`` function: ``Rule(defaults, moment_names, direction)``
-maps it over the list when no ``foreach_direction`` is given, and
-``MetaOptimize(params, base=rule)`` accepts it as a base.
+A rule carries its hyper-parameters: their defaults (the paper's), their allowed ranges, which
+``MetaOptimize`` checks, and, for base use, its default weight decay. Adding a rule is one pure
+``direction`` function and one entry: ``Rule(defaults, moment_names, direction)`` maps the
+function over the list when no ``foreach_direction`` is given; ``MetaOptimize(params, base=rule)``
+accepts it as it is, and an entry in ``RULES`` with its name in ``BASES`` / ``METAS`` (and
+``VARIANTS["released"]``) makes it a name the optimizer, the configs
+(``optimizer.base=<name>``) and the benchmarks accept. Its hyper-parameters are keywords of
+``MetaOptimize`` (``meta_<name>`` for the meta rule's).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -54,13 +60,30 @@ Moments = dict[str, Tensor]
 Hyperparameters = dict[str, float]
 
 
+# (lowest allowed, highest allowed, whether the highest is allowed) of the built-in rules'
+# hyper-parameters; eps must be > 0
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "momentum": (0.0, 1.0, False),
+    "normalizer": (0.0, 1.0, False),
+    "lion_interp": (0.0, 1.0, True),
+    "eps": (math.ulp(0.0), math.inf, False),
+}
+
+
 class Rule(NamedTuple):
-    """A direction rule: its hyper-parameters (with defaults), moments and two kernels."""
+    """A direction rule: its hyper-parameters (defaults and allowed ranges, by default those of
+    ``RANGES``), moments, two kernels, and its default weight decay as a base rule."""
 
     hyperparameters: dict[str, float]
     moment_names: tuple[str, ...]
     direction: Callable[[Tensor, Moments, Hyperparameters, Tensor], tuple[Tensor, Moments]]
     foreach_direction: Callable[[list[Tensor], dict[str, list[Tensor]], Hyperparameters, list[Tensor]], list[Tensor]] | None = None
+    ranges: dict[str, tuple[float, float, bool]] | None = None
+    weight_decay: float = 0.1  # the paper's for every base but SGD
+
+    def range_of(self, name: str) -> tuple[float, float, bool] | None:
+        """The allowed range of a hyper-parameter, or None when the rule sets none."""
+        return (self.ranges or {}).get(name, RANGES.get(name))
 
     def directions(self, xs, moments, hp, steps) -> list[Tensor]:
         """The fast kernel, or the pure one mapped over the list when the rule has none."""
@@ -249,7 +272,7 @@ def adam_sum_foreach_direction(xs, moments, hp, steps):
 # The defaults are the paper's (Tables 2-4); they are the same for base and meta use. The
 # released code's epsilon is 1e-10, inside the square root.
 RULES: dict[str, Rule] = {
-    "sgd": Rule({}, (), sgd_direction, sgd_foreach_direction),
+    "sgd": Rule({}, (), sgd_direction, sgd_foreach_direction, weight_decay=0.0),
     "sgdm": Rule({"momentum": 0.9}, ("exp_avg",), sgdm_direction, sgdm_foreach_direction),
     "rmsprop": Rule({"normalizer": 0.999, "eps": 1e-8}, ("exp_avg_sq",), rmsprop_direction, rmsprop_foreach_direction),
     "adam": Rule(
@@ -271,3 +294,15 @@ RULES: dict[str, Rule] = {
     ),
 }
 
+# Base and meta names of the paper, and the rule each one uses in each variant: "standard"
+# (moment averages, bias-corrected, as torch.optim) and "released" (the authors' research code,
+# which made the paper's figures: discounted sums, SGDm with the momentum from before the step).
+BASES = {"sgd": "sgd", "sgdm": "sgdm", "rmsprop": "rmsprop", "adamw": "adam", "lion": "lion"}
+METAS = {"sgd": "sgd", "rmsprop": "rmsprop", "adam": "adam", "lion": "lion"}
+VARIANTS = {
+    "standard": (BASES, METAS),
+    "released": (
+        {"sgd": "sgd", "sgdm": "sgdm_delayed", "rmsprop": "rmsprop_sum", "adamw": "adam_sum", "lion": "lion"},
+        {"sgd": "sgd", "rmsprop": "rmsprop_sum", "adam": "adam_sum", "lion": "lion"},
+    ),
+}

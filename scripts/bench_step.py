@@ -169,7 +169,8 @@ def main() -> None:
 
         for (base, meta), blocks, kernel in itertools.product(pairs, args.blocks, args.kernels):
             label = f"MetaOptimize ({base}, {meta}) {blocks} {kernel}"
-            plain_name, plain = PLAIN_BASES[base]
+            # a base without a torch counterpart (a rule added to metaopt.rules) is timed against AdamW twice
+            plain_name, plain = PLAIN_BASES.get(base, PLAIN_BASES["adamw"])
             candidates = [
                 Candidate("AdamW fused", make_model, lambda m: ADAMW_FUSED(m.parameters()), device),
                 Candidate(plain_name, make_model, lambda m: plain(m.parameters()), device),
