@@ -3,14 +3,17 @@
 The baselines of the paper come from their published packages, and each has its own loop
 contract (what to call around ``backward`` and ``step``, what to evaluate, how to
 checkpoint) and a few documented bugs (docs/baselines.md). An adapter hides
-exactly those differences, so the trainer runs one loop for all of them:
+exactly those differences, so the trainer runs one loop for all of them. :class:`Adapter` is
+that contract, the only calls the trainer makes (experiments/trainer.py):
 
+    adapter.check(precision=..., distributed=..., compiled=...)   # refuse what cannot run
     adapter.zero_grad()
     adapter.backward(scaler.scale(loss))
-    scaler.unscale_(adapter.optimizer); clip_grad_norm_(...)   # optional
+    adapter.unscale(scaler); clip_grad_norm_(...)              # optional
     adapter.step(scaler)                                       # optimizer, scheduler, averager
     ... adapter.eval_model(model) for evaluation, adapter.step_sizes() for logging,
-    adapter.state_dict() / load_state_dict() for checkpoints.
+    adapter.plans_zero_step_size() for the divergence check,
+    adapter.state_dict() / load_state_dict() for checkpoints, adapter.close() at the end.
 
 Adapters (each a Hydra ``_target_`` of a ``conf/optimizer`` file):
 
@@ -27,13 +30,15 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Callable
+from abc import abstractmethod
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from metaopt import MetaOptimize
 from metaopt.blocks import param_groups_by_prefix
 
 OptimizerFactory = Callable[..., Optimizer]  # a functools.partial from Hydra's `_partial_: true`
@@ -82,7 +87,60 @@ def warmup_cosine(
     return LambdaLR(optimizer, factor)
 
 
-class OptimizerAdapter:
+@runtime_checkable
+class Adapter(Protocol):
+    """What the trainer calls on an optimizer, whichever it is.
+
+    An adapter that subclasses it inherits the defaults of ``check``, ``plans_zero_step_size``,
+    ``eval_model`` and ``close``, and must implement the rest.
+    """
+
+    def check(self, *, precision: str, distributed: bool, compiled: bool) -> None:
+        """Raise ValueError if this optimizer cannot run with these trainer settings."""
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Start a step: drop the previous step's gradients."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """The gradients of the (scaled) loss."""
+
+    @abstractmethod
+    def unscale(self, scaler: torch.amp.GradScaler) -> None:
+        """Divide the gradients by the scaler's scale in place, so that they can be clipped."""
+
+    @abstractmethod
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        """Update the weights (and whatever the method steps along: a schedule, an average)."""
+
+    @abstractmethod
+    def step_sizes(self) -> dict[str, float]:
+        """The current step sizes for logging: ``step_size`` or ``step_size/<name>`` keys, the
+        same ones all run long (they are metrics.csv columns)."""
+
+    def plans_zero_step_size(self) -> bool:
+        """Whether a step size of exactly 0 may be planned (a schedule that decays to 0), so
+        that one is no underflow."""
+        return False
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The model to evaluate: the trained one, unless the method evaluates an average."""
+        return model
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's part of a checkpoint."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned, into an adapter built from the same config."""
+
+    def close(self) -> None:
+        """Release what the run no longer needs (called once, when the loop ends)."""
+
+
+class OptimizerAdapter(Adapter):
     """A ``torch.optim.Optimizer`` (and an optional LR schedule) under the plain loop contract.
 
     Args:
@@ -108,14 +166,14 @@ class OptimizerAdapter:
     def _build(self, optimizer: OptimizerFactory, groups: list[dict[str, Any]]) -> Optimizer:
         return optimizer(groups)
 
-    def check(self, *, precision: str, distributed: bool, compiled: bool) -> None:
-        """Raise ValueError if this optimizer cannot run with these trainer settings."""
-
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def unscale(self, scaler: torch.amp.GradScaler) -> None:
+        scaler.unscale_(self.optimizer)
 
     def step(self, scaler: torch.amp.GradScaler) -> None:
         # The scaler skips the step when the fp16 gradients overflowed (a no-op without fp16).
@@ -123,18 +181,14 @@ class OptimizerAdapter:
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        """The model to evaluate: the trained one, unless the method evaluates an average."""
-        return model
-
-    def close(self) -> None:
-        """Release what the run no longer needs (called once, when the loop ends)."""
-
     def step_sizes(self) -> dict[str, float]:
-        """The current step sizes for logging (reads them back to the host)."""
-        if hasattr(self.optimizer, "step_sizes"):  # MetaOptimize's learned step sizes
+        """Each group's ``lr``, or MetaOptimize's learned step sizes (read back to the host)."""
+        if isinstance(self.optimizer, MetaOptimize):
             return self.optimizer.step_sizes()
         return self._group_step_sizes(lambda group: group["lr"])
+
+    def plans_zero_step_size(self) -> bool:
+        return self.scheduler is not None
 
     def _group_step_sizes(self, value: Callable[[dict], Any]) -> dict[str, float]:
         """``step_size`` for one param group, else ``step_size/group<i>`` (the same keys all run long: they are CSV columns)."""
@@ -299,7 +353,7 @@ class MechanicAdapter(OptimizerAdapter):
                     entry[key] = value.to(p.device)
 
 
-class GdtuoAdapter:
+class GdtuoAdapter(Adapter):
     """gdtuo ("Gradient Descent: The Ultimate Optimizer"): a stack of hyper-optimizers.
 
     Its loop contract replaces the optimizer step: ``ModuleWrapper(model, optimizer=stack)``,
@@ -325,7 +379,7 @@ class GdtuoAdapter:
 
         self.model = model
         self.stack = optimizer
-        self.optimizer = None  # no torch Optimizer: nothing for a GradScaler to unscale
+        self.optimizer = None  # no torch Optimizer
         self.wrapper = gdtuo.ModuleWrapper(model, optimizer=optimizer)
         self.wrapper.initialize()
 
@@ -355,11 +409,11 @@ class GdtuoAdapter:
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             loss.backward(create_graph=True)
 
+    def unscale(self, scaler: torch.amp.GradScaler) -> None:
+        """Nothing to unscale: check() refuses fp16, the one precision with a scale."""
+
     def step(self, scaler: torch.amp.GradScaler) -> None:
         self.wrapper.step()
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return model
 
     def close(self) -> None:
         # gdtuo 1.0 lacks the end() of its README: drop the gradients (and the graphs they

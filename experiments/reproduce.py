@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import experiments.train  # noqa: F401  (registers the path_join resolver of conf/hydra/default.yaml)
+from experiments.schema import run_key
 from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -24,9 +25,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 ITEMS = tuple(sorted((path.stem for path in (CONF / "experiment").glob("*.yaml")),
                      key=lambda name: (name.rstrip("0123456789"), int("0" + name[len(name.rstrip("0123456789")):]))))
 SCALES = ("full", "mini", "smoke")
-# The first columns of results/<item>/runs.csv (scripts/collect_runs.py), a run's identity; the swept
-# keys follow, then the columns of its metrics.csv (from step on).
-IDENTITY = ("item", "scale", "grid", "arm", "run", "seed", "status")
 
 
 @dataclass(frozen=True)
@@ -37,8 +35,8 @@ class Run:
 
     @property
     def key(self) -> str:
-        """The run's identity: its sorted overrides, without the seed's."""
-        return " ".join(sorted(o for o in self.overrides if not o.startswith("seed=")))
+        """The run's identity: its sorted overrides, without the seed's (experiments.schema.run_key)."""
+        return run_key(self.values)
 
     @property
     def values(self) -> dict[str, str]:
@@ -94,4 +92,4 @@ def run_dir_key(overrides_file: Path, swept: set[str]) -> str:
     """A run folder's key (as Run.key) from the .hydra/overrides.yaml Hydra wrote there: its values
     of the sweep's keys (swept, without the seed), whatever else its command line set (run_root=...)."""
     overrides = [str(o).split("=", 1) for o in OmegaConf.load(overrides_file)]
-    return " ".join(sorted(f"{k}={v}" for k, v in overrides if k in swept and k != "seed"))
+    return run_key({k: v for k, v in overrides if k in swept})

@@ -5,8 +5,9 @@ it holds a checkpoint); data, model and optimizer; precision, compile and DDP; t
 which logs train loss / accuracy / step sizes every ``log_every`` steps, evaluates every
 ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked to stop
 (SIGTERM, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss or a step size
-stops being finite. Every optimizer goes through the same adapter calls
-(experiments/adapters.py); nothing here depends on which optimizer runs.
+stops being finite. Every optimizer goes through the same adapter calls, those of
+experiments.adapters.Adapter; nothing here depends on which optimizer runs. The columns of
+metrics.csv and the summary's rules come from experiments/schema.py.
 
 Both tasks use one loss: ``cross_entropy(logits.flatten(0, -2), y.flatten())`` (class logits
 for images, next-token logits for language models).
@@ -21,7 +22,6 @@ import os
 import random
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -41,7 +41,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from experiments import checkpoint, files
+from experiments import checkpoint, files, schema
+from experiments.adapters import Adapter
 from experiments.loggers import MetricsLog, run_metadata, write_json
 from experiments.validation import check_config
 
@@ -59,7 +60,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 class TrainResult:
     summary: dict[str, Any]  # final metrics, also in meta.json
     model: nn.Module  # the unwrapped trained model
-    adapter: Any  # the optimizer adapter (adapter.optimizer is the torch optimizer, if any)
+    adapter: Adapter  # the optimizer adapter (experiments/adapters.py)
 
 
 def train(cfg: DictConfig, run_dir: str) -> TrainResult:
@@ -158,8 +159,7 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
     try:
         # -- logging -----------------------------------------------------------------------------
         step_size_keys = list(adapter.step_sizes())
-        columns = ["step", "epoch", "time/elapsed_s", "train/loss", "train/acc", "test/loss", "test/acc",
-                   *step_size_keys, "time/step_ms", "time/optimizer_ms", "memory/peak_mb"]
+        columns = schema.metrics_columns(step_size_keys)
         log = None
         if is_main:
             name = os.path.relpath(run_dir, cfg.get("run_root", "."))
@@ -248,7 +248,7 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
                 loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
             adapter.backward(scaler.scale(loss))
             if tcfg.grad_clip is not None:
-                scaler.unscale_(adapter.optimizer)  # clip the true gradients, not the scaled ones
+                adapter.unscale(scaler)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             before_step = timer.mark()
             adapter.step(scaler)
@@ -276,7 +276,7 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
                 if log is not None:
                     log.log(row)
                 progress.set_postfix(_postfix(last_row), refresh=False)
-                problem = _diverged(row, zero_step_size_planned=getattr(adapter, "scheduler", None) is not None)
+                problem = _diverged(row, zero_step_size_planned=adapter.plans_zero_step_size())
                 if problem:
                     raise FloatingPointError(_divergence_message(*problem, step, cfg, checkpoint_path))
 
@@ -301,15 +301,13 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
             status = "finished"
 
         # -- finish ----------------------------------------------------------------------------------
-        # Time per step: the median over logged windows, leaving out the first (warm-up, compilation).
-        timed = windows_ms[1:] or windows_ms
         summary = {
             "status": status,
             "step": step,
-            **{k: last_row[k] for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in last_row},
+            **{k: last_row[k] for k in schema.QUALITY if k in last_row},
             **{k: last_row[k] for k in step_size_keys if k in last_row},
-            "time/step_ms": statistics.median(ms for ms, _ in timed) if timed else None,
-            "time/optimizer_ms": statistics.median(ms for _, ms in timed) if timed else None,
+            "time/step_ms": schema.steady_median([ms for ms, _ in windows_ms]) if windows_ms else None,
+            "time/optimizer_ms": schema.steady_median([ms for _, ms in windows_ms]) if windows_ms else None,
             "memory/peak_mb": _peak_memory_mb(device),
             "wall_s": elapsed_before + time.time() - started,
         }
@@ -347,13 +345,16 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
 # -- helpers (in the order the loop uses them) -------------------------------------------------------
 
 
-def build_adapter(optimizer_cfg: DictConfig, model: nn.Module, total_steps: int):
+def build_adapter(optimizer_cfg: DictConfig, model: nn.Module, total_steps: int) -> Adapter:
     """The optimizer of a conf/optimizer/*.yaml node inside its adapter (experiments/adapters.py):
     the node holds the optimizer's own keywords, plus `adapter`, the loop contract that drives
     it, which receives the optimizer factory."""
     optimizer_keys = [key for key in optimizer_cfg if key != "adapter"]
     optimizer = _build(OmegaConf.masked_copy(optimizer_cfg, optimizer_keys))
-    return _build(optimizer_cfg.adapter, model=model, optimizer=optimizer, total_steps=total_steps)
+    adapter = _build(optimizer_cfg.adapter, model=model, optimizer=optimizer, total_steps=total_steps)
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"{optimizer_cfg.adapter._target_} does not implement experiments.adapters.Adapter")
+    return adapter
 
 
 def _build(node: DictConfig, **kwargs: Any) -> Any:
@@ -530,9 +531,9 @@ def _diverged(row: dict[str, Any], zero_step_size_planned: bool) -> tuple[str, s
     """(what, is what) for the first logged loss or step size that is NaN or infinite, or a step
     size of exactly 0 (underflowed: the weights stop moving) where no schedule plans one."""
     for key, value in row.items():
-        if (key == "train/loss" or key.startswith("step_size")) and not math.isfinite(value):
+        if (key == "train/loss" or schema.is_step_size(key)) and not math.isfinite(value):
             return key, str(value)
-        if key.startswith("step_size") and value == 0 and not zero_step_size_planned:
+        if schema.is_step_size(key) and value == 0 and not zero_step_size_planned:
             return key, "0"
     return None
 
@@ -552,7 +553,7 @@ def _non_finite_state(payload: dict[str, Any], step_sizes: dict[str, float]) -> 
 
 
 def _divergence_message(what: str, value: str, step: int, cfg: DictConfig, checkpoint_path: str) -> str:
-    if not what.startswith("step_size"):
+    if not schema.is_step_size(what):
         cause = ("training diverged: the updates grew too large for this model. Lower the step size "
                  "(optimizer.alpha0 and optimizer.meta_lr for MetaOptimize, optimizer.lr otherwise), clip "
                  "gradients with trainer.grad_clip=1.0")
@@ -616,7 +617,7 @@ def _any_rank(flag: bool, distributed: bool) -> bool:
 
 def _postfix(row: dict[str, Any]) -> dict[str, str]:
     postfix = {k.split("/")[-1]: _fmt(row[k]) for k in ("train/loss", "test/loss", "test/acc") if k in row}
-    step_sizes = [v for k, v in row.items() if k.startswith("step_size")]
+    step_sizes = [v for k, v in row.items() if schema.is_step_size(k)]
     if step_sizes:
         postfix["step_size"] = _fmt(step_sizes[0]) if len(step_sizes) == 1 else f"{_fmt(min(step_sizes))}..{_fmt(max(step_sizes))}"
     return postfix

@@ -5,8 +5,9 @@
 
 Reads the runs the experiment's sweep expects (experiments/reproduce.py) from their folders
 under run_root/<run_group>/ and writes every metrics.csv row with the run's identity: its grid,
-arm, seed, every swept key, its status (meta.json) and the sweep's scale. A run the sweep expects
-but that has no folder yet is reported; scripts/make_figures.py refuses to plot without it.
+arm, seed, every swept key, its status (meta.json) and the sweep's scale (the columns of
+experiments/schema.py). A run the sweep expects but that has no folder yet is reported;
+scripts/make_figures.py refuses to plot without it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.reproduce import IDENTITY, ITEMS, SCALES, compose_experiment, expected_runs, run_dir_key
+from experiments.reproduce import ITEMS, SCALES, compose_experiment, expected_runs, run_dir_key
+from experiments.schema import runs_columns, swept_keys
 
 
 def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, list[str]]:
@@ -28,7 +30,7 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
     cfg = compose_experiment(item, scale, overrides)
     runs = expected_runs(cfg)
     group_dir = Path(cfg.run_root) / cfg.run_group
-    swept = sorted({k for run in runs for k in run.values if k != "seed"})
+    swept = swept_keys(run.values for run in runs)
     found = {}  # (run key, seed) -> run folder
     for overrides_file in sorted(group_dir.glob("**/.hydra/overrides.yaml")):
         folder = overrides_file.parent.parent
@@ -53,7 +55,7 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*IDENTITY, *swept, *metric_columns], restval="")
+        writer = csv.DictWriter(f, fieldnames=runs_columns(swept, metric_columns), restval="")
         writer.writeheader()
         writer.writerows(rows)
     return len(rows), missing

@@ -30,9 +30,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.reproduce import IDENTITY, ITEMS, compose_experiment, expected_runs  # noqa: E402
+from experiments.reproduce import ITEMS, compose_experiment, expected_runs  # noqa: E402
+from experiments.schema import (DEFAULT_SELECT, QUALITY, STEP_SIZE, final, is_step_size, run_key,  # noqa: E402
+                                score, steady_median, swept_keys)
 
-SUMMARY_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "step_size")
+SUMMARY_METRICS = (*QUALITY, STEP_SIZE)
 
 
 class MissingRuns(RuntimeError):
@@ -46,16 +48,6 @@ def read_runs(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def row_key(row: dict[str, str]) -> str:
-    """A row's run key, as experiments.reproduce.Run.key: its swept values, without the seed.
-
-    collect_runs.py writes the identity columns, then the swept keys, then metrics.csv's (from step on).
-    """
-    columns = list(row)
-    swept = columns[len(IDENTITY):columns.index("step")]
-    return " ".join(sorted(f"{k}={row[k]}" for k in swept if row[k] != ""))
-
-
 def group_runs(item: str, rows: list[dict[str, str]]):
     """The sweep's runs with their rows; raises MissingRuns naming every absent or unfinished run."""
     if not rows:
@@ -65,11 +57,13 @@ def group_runs(item: str, rows: list[dict[str, str]]):
         raise ValueError(f"results/{item}/runs.csv mixes scales {sorted(scales)}: collect one scale per item")
     scale = scales.pop()
     cfg = compose_experiment(item, scale)
+    expected = expected_runs(cfg)
+    swept = swept_keys(run.values for run in expected)
     by_run = defaultdict(list)
-    for row in rows:
-        by_run[(row_key(row), row["seed"])].append(row)
+    for row in rows:  # a row's run key, as Run.key, from its columns of the swept keys
+        by_run[(run_key({k: row.get(k, "") for k in swept}), row["seed"])].append(row)
     runs, problems = [], []
-    for run in expected_runs(cfg):
+    for run in expected:
         seed = run.values.get("seed", "0")
         run_rows = by_run.get((run.key, seed))
         if not run_rows:
@@ -85,27 +79,12 @@ def group_runs(item: str, rows: list[dict[str, str]]):
     return cfg, scale, runs
 
 
-def final(rows: list[dict[str, str]], metric: str) -> float:
-    """The last logged value of metric; nan if the run never logged it."""
-    values = [row[metric] for row in rows if row.get(metric, "") != ""]
-    return float(values[-1]) if values else math.nan
-
-
-def score(run_rows: list[list[dict[str, str]]], metric: str, mode: str) -> float:
-    """Mean final metric over seeds, oriented so that lower is better; a diverged seed ranks last."""
-    values = [final(rows, metric) for rows in run_rows]
-    if any(not math.isfinite(v) for v in values) or any(rows[0]["status"] != "finished" for rows in run_rows):
-        return math.inf
-    mean = statistics.fmean(values)
-    return mean if mode == "min" else -mean
-
-
 def curves(cfg, runs):
     """{arm: (label, [rows of each seed])}: every untuned setting, and each tuned grid's best."""
     settings = defaultdict(list)  # (arm, key) -> rows of each seed
     for run, rows in runs:
         settings[(run.arm, run.key)].append(rows)
-    select = cfg.figure.get("select") or {"metric": "train/loss", "mode": "min"}
+    select = cfg.figure.get("select") or DEFAULT_SELECT
     chosen, summary = {}, []
     for arm in dict.fromkeys(arm for arm, _ in settings):
         candidates = {key: seeds for (a, key), seeds in settings.items() if a == arm}
@@ -175,7 +154,7 @@ def plot(item: str, cfg, chosen, runs, out: Path) -> None:
             color = f"C{arm_index % 10}"
             if step_size_kind:
                 ax = axes[0][col]
-                columns = [k for k in seeds[0][0] if k.startswith("step_size")]
+                columns = [k for k in seeds[0][0] if is_step_size(k)]
                 for block_index, column in enumerate(columns):
                     steps, means, _ = _series(seeds, column)
                     ax.plot(steps, means, color=f"C{block_index % 10}", label=column.removeprefix("step_size/"))
@@ -193,7 +172,7 @@ def plot(item: str, cfg, chosen, runs, out: Path) -> None:
                     ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                                     color=color, alpha=0.15)
                 ax.set_ylabel(metric)
-                if metric.startswith("step_size") or metric.endswith("loss"):
+                if is_step_size(metric) or metric.endswith("loss"):
                     ax.set_yscale("log")
         axes[0][col].set_title(panel.title)
         for row in range(nrows):
@@ -261,8 +240,7 @@ def cfg_scale(cfg) -> str:
 def median_step_ms(rows: list[dict[str, str]]) -> float:
     """The median time of a training step over the logged windows, leaving out the first (warm-up),
     as the trainer's own summary does."""
-    windows = [float(row["time/step_ms"]) for row in rows if row.get("time/step_ms", "") != ""]
-    return statistics.median(windows[1:] or windows)
+    return steady_median([float(row["time/step_ms"]) for row in rows if row.get("time/step_ms", "") != ""])
 
 
 def table(item: str, cfg, runs, out: Path) -> Path:

@@ -1,6 +1,7 @@
 """The adapters of experiments/adapters.py: each works around its package's documented bug."""
 
 import functools
+import inspect
 import io
 import math
 
@@ -9,7 +10,8 @@ import torch
 from dog import DoG
 from torch import nn
 
-from experiments.adapters import DoGAdapter, GdtuoAdapter, MechanicAdapter, OptimizerAdapter, warmup_cosine
+from experiments import adapters
+from experiments.adapters import Adapter, DoGAdapter, GdtuoAdapter, MechanicAdapter, OptimizerAdapter, warmup_cosine
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
@@ -113,3 +115,24 @@ def test_plain_adapter_logs_one_step_size_per_group():
                                param_groups={"no_decay": True})
     assert adapter.step_sizes() == {"step_size/group0": 1e-3, "step_size/group1": 1e-3}
     assert adapter.optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_every_adapter_of_the_module_implements_the_protocol():
+    classes = [c for c in vars(adapters).values()
+               if inspect.isclass(c) and c.__module__ == adapters.__name__ and c is not Adapter]
+    assert {c.__name__ for c in classes} >= {"OptimizerAdapter", "ProdigyAdapter", "DoGAdapter", "MechanicAdapter",
+                                             "GdtuoAdapter"}
+    for cls in classes:
+        assert issubclass(cls, Adapter) and not inspect.isabstract(cls), cls
+
+
+def test_an_adapter_missing_a_call_of_the_protocol_is_not_one():
+    calls = {name: (lambda self, *args, **kwargs: None) for name in
+             ("check", "zero_grad", "backward", "step", "step_sizes", "plans_zero_step_size", "eval_model",
+              "state_dict", "load_state_dict", "close")}
+    assert not isinstance(type("NoUnscale", (), calls)(), Adapter)
+    assert isinstance(type("Complete", (), {**calls, "unscale": calls["step"]})(), Adapter)
+    subclass = type("NoUnscale", (Adapter,), calls)
+    assert inspect.isabstract(subclass)
+    with pytest.raises(TypeError, match="unscale"):
+        subclass()

@@ -5,6 +5,7 @@ import json
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
+from experiments.adapters import Adapter
 from experiments.data import digits
 from experiments.trainer import train
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -45,6 +46,7 @@ def test_optimizer_config_trains(name, tmp_path):
         assert all(finite(row[key]) for key in step_size_keys)
     assert finite(rows[-1]["test/loss"])
     assert result.summary["status"] == "finished" and result.summary["step"] == 4
+    assert isinstance(result.adapter, Adapter)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["status"] == "finished" and meta["seed"] == 0 and "hostname" not in meta
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoint.pt").exists()
