@@ -8,6 +8,8 @@ the equations of both variants (``standard`` and the authors' ``released`` code)
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from itertools import chain
 from typing import Any, Callable, Iterable, NamedTuple
@@ -218,6 +220,13 @@ class MetaOptimize(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.meta_rule = RULES[meta_rules[meta]]
         self.approx = exact.resolve(approx, blocks)
+        for key in rule_hyperparameters:
+            name = key[len("meta_") :] if key.startswith("meta_") else key
+            if not any(name in rule.hyperparameters for rule in (*RULES.values(), self.base_rule)):
+                known = [p for p in inspect.signature(MetaOptimize).parameters if p != "rule_hyperparameters"]
+                close = difflib.get_close_matches(key, known, n=1)
+                raise TypeError(f"MetaOptimize got an unexpected keyword argument {key!r}"
+                                + (f": did you mean {close[0]!r}?" if close else ""))
 
         given = {
             "weight_decay": weight_decay,
