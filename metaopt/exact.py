@@ -58,9 +58,10 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from metaopt.granularity import GRANULARITIES
+
 KINDS = ("hessian_free", "l", "2x2")
 HESSIANS = ("hvp", "diagonal")
-_FEW_BLOCKS = ("scalar", "param_group", "layerwise")
 
 
 class Approximation(NamedTuple):
@@ -116,10 +117,10 @@ def resolve(approx: str | Approximation, blocks: str) -> Approximation:
             )
         return approx
     if approx.hessian is None:
-        approx = approx._replace(hessian="hvp" if blocks in _FEW_BLOCKS else "diagonal")
+        approx = approx._replace(hessian="hvp" if GRANULARITIES[blocks].few_blocks else "diagonal")
     if approx.hessian not in HESSIANS:
         raise ValueError(f"unknown hessian {approx.hessian!r}: hessian must be one of {list(HESSIANS)}")
-    if approx.hessian == "hvp" and blocks not in _FEW_BLOCKS:
+    if approx.hessian == "hvp" and not GRANULARITIES[blocks].few_blocks:
         raise ValueError(
             f"approx={approx.kind!r} with hessian='hvp' needs one Hessian-vector product per step-size block, "
             f"one per {'weight' if blocks == 'weightwise' else 'output unit'} with blocks={blocks!r}: "

@@ -12,33 +12,19 @@ import difflib
 import inspect
 import math
 from itertools import chain
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from metaopt import exact, flat
+from metaopt.granularity import BLOCKS, GRANULARITIES, Block, node_weights
 from metaopt.kernels import KERNELS, Kernel
 from metaopt.rules import BASES, METAS, RULES, VARIANTS, Rule
 
 _OLD_DYNAMO = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
-BLOCKS = ("scalar", "param_group", "layerwise", "nodewise", "weightwise")
-# The granularities whose state the flat kernel keeps in flat buffers (metaopt/flat.py), and the
-# kind of block each is there.
-FLAT_BLOCKS = {"scalar": "one", "param_group": "one", "layerwise": "tensor", "weightwise": "weight"}
-# (nodewise: the flat buffers of all param groups together, see MetaOptimize._prepare_nodes)
-
-
-class Block(NamedTuple):
-    """Where a parameter's step sizes live and how they broadcast against it."""
-
-    owner: int | Tensor  # a param group index (scalar, param_group) or a parameter (its state holds the block)
-    view_shape: tuple[int, ...]  # the owner's beta viewed to broadcast against the parameter
-    meta_group: int  # index of the param group whose meta hyper-parameters the block uses
-    group: int  # index of the parameter's own param group
-    number: int = 0  # the block's number, shared by the parameters whose step sizes it holds
 
 
 def _is_meta_key(key: str) -> bool:
@@ -424,24 +410,12 @@ class MetaOptimize(Optimizer):
         inside ``step`` would break ``torch.compile(optimizer.step)`` on some torch versions."""
         layout: dict[int, Block] = {}
         first_group_of_block: dict[str, int] = {}
-        node_weights = _node_weights(self.param_groups) if self.blocks == "nodewise" else {}
+        granularity = GRANULARITIES[self.blocks]
+        biases = node_weights(self.param_groups) if granularity.pairs_biases else {}
         for index, group in enumerate(self.param_groups):
-            block = group.get("block", f"group{index}")
-            owner_group = first_group_of_block.setdefault(block, index)
+            owner_group = first_group_of_block.setdefault(group.get("block", f"group{index}"), index)
             for p in group["params"]:
-                if self.blocks == "scalar":
-                    layout[id(p)] = Block(0, (), 0, index)
-                elif self.blocks == "param_group":
-                    layout[id(p)] = Block(owner_group, (), owner_group, index)
-                elif self.blocks == "layerwise":
-                    layout[id(p)] = Block(p, (), index, index)
-                elif self.blocks == "weightwise":
-                    layout[id(p)] = Block(p, tuple(p.shape), index, index)
-                elif id(p) in node_weights:  # a bias shares the step sizes of its weight's rows
-                    weight, weight_group = node_weights[id(p)]
-                    layout[id(p)] = Block(weight, tuple(p.shape), weight_group, index)
-                else:
-                    layout[id(p)] = Block(p, _node_shape(p), index, index)
+                layout[id(p)] = granularity.block(p, index, owner_group, biases)
         # Numbered here, in eager Python: step() groups by number, which torch.compile traces
         # exactly (ids of dicts, or of one tensor reached two ways, it does not on every version).
         numbers: dict[int, int] = {}
@@ -457,8 +431,7 @@ class MetaOptimize(Optimizer):
             group, meta_group = self.param_groups[block.group], self.param_groups[block.meta_group]
             for key in (*BLOCK_KEYS, *(f"meta_{name}" for name in self.meta_rule.hyperparameters)):
                 if key in group and group[key] != meta_group[key]:
-                    shared = {"scalar": "one step size for all groups", "param_group": "one step size per block name",
-                              "nodewise": "a bias's step sizes with its weight's rows"}[self.blocks]
+                    shared = GRANULARITIES[self.blocks].shares
                     raise ValueError(
                         f"param group {block.group} sets {key}={group[key]!r} but shares its step sizes with param "
                         f"group {block.meta_group} ({key}={meta_group[key]!r}): blocks={self.blocks!r} learns {shared}. "
@@ -525,7 +498,7 @@ class MetaOptimize(Optimizer):
         if not params:
             return
         # so that the lazily created state, and the flat buffers that replace it, are in the copy
-        if self.blocks == "nodewise":
+        if GRANULARITIES[self.blocks].flat == "node":
             self._prepare_nodes()
         for index, group_params in enumerate(groups):
             if group_params:
@@ -557,7 +530,7 @@ class MetaOptimize(Optimizer):
         """Create the state of ``params`` (the group's parameters with gradients); with the flat kernel,
         their partitions (:mod:`metaopt.flat`), built when this set of parameters first steps."""
         uses_flat = (
-            self._kernels[index].flat_update is not None and self.blocks in FLAT_BLOCKS
+            self._kernels[index].flat_update is not None and GRANULARITIES[self.blocks].flat != "node"
             and not torch.compiler.is_compiling()
         )
         if not uses_flat:
@@ -576,7 +549,7 @@ class MetaOptimize(Optimizer):
                 continue
             built.append((members, flat.build(
                 members, [self.state[p] for p in members], self.base_rule.moment_names, self.meta_rule.moment_names,
-                blocks=FLAT_BLOCKS[self.blocks], fresh=all(id(p) in fresh for p in members),
+                blocks=GRANULARITIES[self.blocks].flat, fresh=all(id(p) in fresh for p in members),
             )))
         self._partitions[index] = (key, built)
         return built
@@ -657,7 +630,7 @@ class MetaOptimize(Optimizer):
             )
 
     def _hessian_free_step(self) -> None:
-        if self.blocks == "nodewise":
+        if GRANULARITIES[self.blocks].flat == "node":
             nodes = self._prepare_nodes()
             if nodes is not None:
                 self._nodewise_flat_step(nodes)
@@ -797,16 +770,13 @@ class MetaOptimize(Optimizer):
                     continue
                 seen.add(key)
                 alpha = self.step_size(p if isinstance(owner, int) else owner).float()
-                if self.blocks == "scalar":
-                    names.append("step_size")
-                elif self.blocks == "param_group":
-                    names.append(f"step_size/{group.get('block', f'group{index}')}")
-                elif self.blocks == "layerwise":
-                    names.append(f"step_size/{param_name}")
-                else:
-                    names += [f"step_size/{param_name}/{stat}" for stat in ("min", "median", "max")]
+                granularity = GRANULARITIES[self.blocks]
+                logged_as = granularity.logged_as.format(block=group.get("block", f"group{index}"), param=param_name)
+                if granularity.logs_range:
+                    names += [f"{logged_as}/{stat}" for stat in ("min", "median", "max")]
                     values += [alpha.min(), alpha.median(), alpha.max()]
                     continue
+                names.append(logged_as)
                 values.append(alpha.reshape(()))
         if not values:
             return {}
@@ -818,39 +788,3 @@ class MetaOptimize(Optimizer):
             f"variant={self.variant!r}, kernel={self.kernel!r})"
         )
         return head + super().__repr__()[len(type(self).__name__) :]
-
-
-def _node_shape(p: Tensor) -> tuple[int, ...]:
-    """One step size per output unit: per row of a matrix (or filter), per entry of a vector."""
-    if p.dim() <= 1:
-        return tuple(p.shape)
-    return (p.shape[0],) + (1,) * (p.dim() - 1)
-
-
-def _node_weights(param_groups: list[dict[str, Any]]) -> dict[int, tuple[Tensor, int]]:
-    """Pair each bias with the weight whose rows it extends: id(bias) -> (weight, its group index).
-
-    With named parameters, ``X.bias`` pairs with ``X.weight``; without names, a vector
-    pairs with the parameter just before it in its group (the order of
-    ``module.parameters()``). Either way the weight's first dimension must match.
-    """
-    named = all("param_names" in g for g in param_groups)
-    pairs: dict[int, tuple[Tensor, int]] = {}
-    if named:
-        weights = {
-            name[: -len(".weight")]: (p, index)
-            for index, g in enumerate(param_groups)
-            for name, p in zip(g["param_names"], g["params"])
-            if name.endswith(".weight")
-        }
-        for g in param_groups:
-            for name, p in zip(g["param_names"], g["params"]):
-                weight = weights.get(name[: -len(".bias")]) if name.endswith(".bias") else None
-                if weight is not None and p.dim() == 1 and weight[0].dim() >= 1 and weight[0].shape[0] == p.numel():
-                    pairs[id(p)] = weight
-        return pairs
-    for index, g in enumerate(param_groups):
-        for previous, p in zip(g["params"], g["params"][1:]):
-            if p.dim() == 1 and previous.dim() >= 1 and previous.shape[0] == p.numel() and id(previous) not in pairs:
-                pairs[id(p)] = (previous, index)
-    return pairs
