@@ -205,7 +205,7 @@ def step(optimizer, closure: Callable[[], Any] | None, hessian_diagonal: dict[Te
     if not entries:
         return loss
     blocks, columns = _init_state(optimizer)
-    layout = optimizer._layout()
+    layout = optimizer._block_layout
 
     # Hess @ (gamma H), before any tensor of the graph changes. gamma = 0 needs none.
     keep_hessian = any(group["gamma"] != 0 for group in optimizer.param_groups)
@@ -260,7 +260,7 @@ def _init_state(optimizer) -> tuple[dict[int, _Block], int]:
     whether or not its weights have a gradient this step); the blocks by ``id`` of their state,
     and the number of columns of H."""
     approx: Approximation = optimizer.approx
-    layout = optimizer._layout()
+    layout = optimizer._block_layout
     blocks: dict[int, _Block] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -384,7 +384,7 @@ def _base_update(optimizer, group, params, blocks, directions, products, diagona
     differentiation of the step serves them all."""
     approx: Approximation = optimizer.approx
     rule = optimizer.base_rule
-    layout = optimizer._layout()
+    layout = optimizer._block_layout
     states = [optimizer.state[p] for p in params]
     gamma = group["gamma"]
     betas, beta_directions = [], []

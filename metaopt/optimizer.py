@@ -331,17 +331,9 @@ class MetaOptimize(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Checkpoints pickled by older versions lack these; fill in what they implied.
-        self.__dict__.setdefault("kernel", "foreach")
-        self.__dict__.setdefault("blocks", "scalar")
-        self.__dict__.setdefault("variant", "standard")
-        self.__dict__.setdefault("skip_nonfinite", False)
-        self.__dict__.setdefault("approx", exact.Approximation())
         self._block_layout = self._build_layout()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
         self._partitions, self._nodes = {}, None
-        for group in self.param_groups:
-            group.setdefault("lr", 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -401,10 +393,6 @@ class MetaOptimize(Optimizer):
 
     # -- blocks ---------------------------------------------------------------------------
 
-    def _layout(self) -> dict[int, Block]:
-        """The :class:`Block` of every parameter, by ``id``."""
-        return self._block_layout
-
     def _build_layout(self) -> dict[int, Block]:
         """Computed whenever the param groups change, not lazily in ``step``: attributes set
         inside ``step`` would break ``torch.compile(optimizer.step)`` on some torch versions."""
@@ -444,7 +432,7 @@ class MetaOptimize(Optimizer):
     def _block_shape(self, owner) -> tuple[int, ...]:
         if isinstance(owner, int):
             return ()
-        return self._layout()[id(owner)].view_shape
+        return self._block_layout[id(owner)].view_shape
 
     # -- the step -----------------------------------------------------------------------
 
@@ -520,7 +508,7 @@ class MetaOptimize(Optimizer):
             state = self.state[p]
             if "trace" not in state:
                 self._init_param(p, state)
-            block = self._layout()[id(p)]
+            block = self._block_layout[id(p)]
             owner_state = self._owner_state(block.owner)
             if "beta" not in owner_state:
                 alpha0 = self.param_groups[block.meta_group]["alpha0"]
@@ -571,7 +559,7 @@ class MetaOptimize(Optimizer):
         fresh = all("trace" not in self.state[p] for p in params)
         for _, group_params in groups:
             self._init_states(group_params)
-        layout = self._layout()
+        layout = self._block_layout
         owners = sorted({id(layout[id(p)].owner): layout[id(p)].owner for p in params}.values(),
                         key=lambda owner: (layout[id(owner)].meta_group, layout[id(owner)].number))
         built = None
@@ -635,7 +623,7 @@ class MetaOptimize(Optimizer):
             if nodes is not None:
                 self._nodewise_flat_step(nodes)
                 return
-        layout = self._layout()
+        layout = self._block_layout
         # The step size of each block in each param group that uses it, and each block's
         # meta-gradient terms (by block number), summed after the loop.
         step_sizes_of: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
@@ -745,7 +733,7 @@ class MetaOptimize(Optimizer):
 
     def step_size(self, p: Tensor) -> Tensor:
         """The current step size ``lr * exp(beta)`` of ``p``, broadcastable to ``p`` (no host sync)."""
-        block = self._layout()[id(p)]
+        block = self._block_layout[id(p)]
         owner_state = self._owner_state(block.owner)
         if "beta" in owner_state:
             alpha = self.approx.step_size(owner_state["beta"]).view(block.view_shape)
@@ -764,7 +752,7 @@ class MetaOptimize(Optimizer):
         for index, group in enumerate(self.param_groups):
             param_names = group.get("param_names") or [f"group{index}.param{j}" for j in range(len(group["params"]))]
             for p, param_name in zip(group["params"], param_names):
-                owner = self._layout()[id(p)].owner
+                owner = self._block_layout[id(p)].owner
                 key = ("group", owner) if isinstance(owner, int) else ("param", id(owner))
                 if key in seen:
                     continue
