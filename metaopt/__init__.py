@@ -1,7 +1,7 @@
 """metaopt: MetaOptimize (ICML 2025) for PyTorch, with the experiments of its paper."""
 
 from metaopt.blocks import RESNET18_BLOCKS, llama2c_blocks, param_groups_by_prefix
-from metaopt.exact import Approximation
+from metaopt.hessian import Approximation
 from metaopt.optimizer import BLOCKS, MetaOptimize
 from metaopt.rules import BASES, METAS, RULES, Rule
 from metaopt.special_cases import hypergradient_descent, idbd

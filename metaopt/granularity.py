@@ -3,7 +3,7 @@
 For each ``blocks`` setting, :data:`GRANULARITIES` says how a parameter's block is found (where
 its ``beta`` lives and how it broadcasts), how :meth:`metaopt.MetaOptimize.step_sizes` names it,
 what a block shared by several param groups means, whether one Hessian-vector product per block
-is affordable (approx ``"l"`` / ``"2x2"``, :mod:`metaopt.exact`), and which flat buffers the flat
+is affordable (approx ``"l"`` / ``"2x2"``, :mod:`metaopt.hessian`), and which flat buffers the flat
 kernel keeps (:mod:`metaopt.flat`). Adding a granularity is one entry here.
 """
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaopt import exact, flat
+from metaopt import flat, hessian
 from metaopt.granularity import BLOCKS, GRANULARITIES, Block, node_weights
 from metaopt.kernels import KERNELS, Kernel
 from metaopt.rules import BASES, METAS, RULES, VARIANTS, Rule
@@ -125,13 +125,13 @@ class MetaOptimize(Optimizer):
             bytes; see :mod:`metaopt.flat`), ``"foreach"`` (multi-tensor ``torch._foreach_*``
             ops on each tensor's own state), ``"compiled"`` (the
             ``foreach`` update compiled by ``torch.compile``, one graph per param group: the fastest
-            steps on a CPU after a first step that compiles, about a second per tensor; needs a
+            steps on a CPU after a first step that compiles, 4-13 s for ResNet-18; needs a
             working Inductor) or ``"reference"`` (one tensor at a time, the equations as written
             above). See :mod:`metaopt.kernels`.
         approx: ``"hessian_free"`` (default; the step above), ``"l"`` or ``"2x2"`` (the trace
             keeps the Hessian term and the traces of the base moments: docs/algorithm.md, see
-            :mod:`metaopt.exact`; :meth:`step` then needs a closure that calls
-            ``loss.backward(create_graph=True)``), or a :class:`metaopt.exact.Approximation`.
+            :mod:`metaopt.hessian`; :meth:`step` then needs a closure that calls
+            ``loss.backward(create_graph=True)``), or a :class:`metaopt.hessian.Approximation`.
 
         skip_nonfinite: if a gradient holds a NaN or an infinity, skip the whole step (weights,
             moments, traces and step sizes keep their values), as ``torch.amp.GradScaler`` does,
@@ -180,7 +180,7 @@ class MetaOptimize(Optimizer):
         meta_eps: float | None = None,
         meta_weight_decay: float = 0.0,
         kernel: str = "flat",
-        approx: str | exact.Approximation = "hessian_free",
+        approx: str | hessian.Approximation = "hessian_free",
         skip_nonfinite: bool = False,
         **rule_hyperparameters: float,
     ):
@@ -205,7 +205,7 @@ class MetaOptimize(Optimizer):
                              "closure instead for approx='l' or '2x2'")
         self.skip_nonfinite = skip_nonfinite
         self.meta_rule = RULES[meta_rules[meta]]
-        self.approx = exact.resolve(approx, blocks)
+        self.approx = hessian.resolve(approx, blocks)
         for key in rule_hyperparameters:
             name = key[len("meta_") :] if key.startswith("meta_") else key
             if not any(name in rule.hyperparameters for rule in (*RULES.values(), self.base_rule)):
@@ -364,15 +364,15 @@ class MetaOptimize(Optimizer):
                     )
         # torch casts every state tensor to its parameter's dtype; keep the meta keys aside
         # so that a bf16 model does not round its step sizes, and restore them afterwards.
-        exact, state = {}, {}
+        meta_state, state = {}, {}
         for index, param_state in state_dict["state"].items():
             state[index] = {k: v for k, v in param_state.items() if not _is_meta_key(k)}
-            exact[index] = {k: v for k, v in param_state.items() if _is_meta_key(k)}
+            meta_state[index] = {k: v for k, v in param_state.items() if _is_meta_key(k)}
         super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "metaoptimize"}, "state": state})
         self._partitions, self._nodes = {}, None  # the loaded state is in tensors of its own: the flat kernel gathers it again
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
-        for index, values in exact.items():
+        for index, values in meta_state.items():
             p = params[index]
             self.state[p].update({k: v.to(device=p.device) if isinstance(v, Tensor) else v for k, v in values.items()})
         for group in self.param_groups:
@@ -436,9 +436,12 @@ class MetaOptimize(Optimizer):
 
     # -- the step -----------------------------------------------------------------------
 
-    def _init_param(self, p: Tensor, state: dict[str, Any]) -> None:
+    def _init_param(self, p: Tensor, state: dict[str, Any], trace_columns: int) -> None:
         state["step"] = torch.zeros((), dtype=_meta_dtype(p.dtype), device=p.device)
-        state["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if trace_columns == 1:
+            state["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:  # approx "l" / "2x2" with hessian="hvp": one column of H per step-size block
+            state["trace"] = torch.zeros((trace_columns, *p.shape), dtype=p.dtype, device=p.device)
         for name in self.base_rule.moment_names:
             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -460,7 +463,7 @@ class MetaOptimize(Optimizer):
                 approx ``"l"`` / ``"2x2"`` with ``hessian="diagonal"`` (then no closure is needed).
         """
         if self.approx.kind != "hessian_free":
-            return exact.step(self, closure, hessian_diagonal)
+            return self._step_keeping_hessian(closure, hessian_diagonal)
         if hessian_diagonal is not None:
             raise ValueError("hessian_diagonal is used by approx='l' or '2x2' with hessian='diagonal'; this optimizer is Hessian-free")
         if self.blocks == "nodewise" and torch.compiler.is_compiling() and _OLD_DYNAMO:
@@ -477,6 +480,34 @@ class MetaOptimize(Optimizer):
             self._step_unless_nonfinite()
         else:
             self._hessian_free_step()
+        return loss
+
+    def _step_keeping_hessian(self, closure: Callable[[], Any] | None, hessian_diagonal: dict[Tensor, Tensor] | None):
+        """approx ``"l"`` / ``"2x2"``: :func:`metaopt.hessian.step` on plain lists of the parameters
+        with gradients and of every step-size block, with their state."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()  # builds the gradients' graph for the Hessian-vector products
+        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            return loss
+        layout = self._block_layout
+        everything = [p for group in self.param_groups for p in group["params"]]
+        numbered = {layout[id(p)].number: layout[id(p)] for p in everything}
+        blocks = [numbered[number] for number in range(len(numbered))]  # Param.block is the index in this list
+        # every block's state, also of blocks without a gradient this step: each is a column of H
+        self._init_states(everything, hessian.trace_columns(self.approx, len(blocks)))
+        groups = [
+            (group, [hessian.Param(p, self.state[p], layout[id(p)].number, layout[id(p)].view_shape)
+                     for p in group["params"] if p.grad is not None])
+            for group in self.param_groups
+        ]
+        hessian.step(
+            self.approx, groups,
+            [hessian.StepSizeBlock(self._owner_state(block.owner), self.param_groups[block.meta_group]) for block in blocks],
+            base_rule=self.base_rule, meta_rule=self.meta_rule,
+            closure_given=closure is not None, hessian_diagonal=hessian_diagonal,
+        )
         return loss
 
     def _step_unless_nonfinite(self) -> None:
@@ -502,12 +533,12 @@ class MetaOptimize(Optimizer):
         for tensor, old in zip(written, before):
             tensor.copy_(torch.where(finite, tensor, old))
 
-    def _init_states(self, params: list[Tensor]) -> None:
+    def _init_states(self, params: list[Tensor], trace_columns: int = 1) -> None:
         """The state of each parameter and of its block, created at the parameter's first step."""
         for p in params:
             state = self.state[p]
             if "trace" not in state:
-                self._init_param(p, state)
+                self._init_param(p, state, trace_columns)
             block = self._block_layout[id(p)]
             owner_state = self._owner_state(block.owner)
             if "beta" not in owner_state:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from metaopt.exact import Approximation
+from metaopt.hessian import Approximation
 from metaopt.optimizer import MetaOptimize
 
 

@@ -1,5 +1,5 @@
 """An independent, slow implementation of the authors' released update (docs/algorithm.md,
-"The released variant"), on a flat float64 weight vector like tests/spec_reference.py.
+"The released variant"), on a flat float64 weight vector like tests/standard_reference.py.
 
 Written from the equations alone, sharing no code with ``metaopt``: the AdamW base and the Adam
 meta keep discounted sums (``m <- rho m + g``), the normalisers are bias-corrected through

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from metaopt import BASES, MetaOptimize
-from metaopt.exact import Approximation
+from metaopt.hessian import Approximation
 from tests.test_optimizer import BASE_HP as HP
 
 ALPHA0 = {"sgd": 0.3, "sgdm": 0.3, "rmsprop": 0.03, "adamw": 0.03, "lion": 0.01}
@@ -335,6 +335,18 @@ def test_closure_without_create_graph_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="create_graph=True"):
         optimizer.step(closure)
+
+
+def test_hvp_blocks_cannot_change_after_the_first_step():
+    """With hessian="hvp" the trace has one column per block: a param group added later (a new
+    block) is refused at the next step, naming why, instead of mixing traces of two widths."""
+    params = [nn.Parameter(w.clone()) for w in initial_weights()]
+    optimizer = MetaOptimize([{"params": params[:2]}], "sgd", "sgd", "param_group", approx="l")
+    optimizer.step(closure_for(optimizer, params, 0))
+    assert optimizer.state[params[0]]["trace"].shape == params[0].shape
+    optimizer.add_param_group({"params": params[2:]})
+    with pytest.raises(RuntimeError, match="1 columns, not 2.*cannot change after the first step"):
+        optimizer.step(closure_for(optimizer, params, 1))
 
 
 def test_gamma_zero_needs_no_hessian_and_no_closure():

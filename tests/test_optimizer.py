@@ -1,4 +1,4 @@
-"""MetaOptimize against the spec, against torch's optimizers, and as a torch optimizer."""
+"""MetaOptimize against an independent reference (tests/standard_reference.py), against torch's optimizers, and as a torch optimizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metaopt import BASES, METAS, MetaOptimize
-from tests.spec_reference import SpecMetaOptimize, block_ids
+from tests.standard_reference import StandardReference, block_ids
 
 PAIRS = list(itertools.product(BASES, METAS))
 
@@ -105,14 +105,14 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def run_against_spec(base, meta, blocks, gamma, steps=30, lr_at=lambda t: 1.0, kernel="foreach", meta_weight_decay=0.0):
+def run_against_reference(base, meta, blocks, gamma, steps=30, lr_at=lambda t: 1.0, kernel="foreach", meta_weight_decay=0.0):
     model = make_net()
     names = [n for n, _ in model.named_parameters()]
     shapes = [tuple(p.shape) for p in model.parameters()]
     groups = [0, 0, 0, 0, 1, 1]
     block, n_blocks = block_ids(names, shapes, groups, blocks)
     kappa = torch.cat([torch.full((math.prod(s),), 0.1 if g == 0 else 0.0, dtype=torch.float64) for s, g in zip(shapes, groups)])
-    spec = SpecMetaOptimize(
+    reference = StandardReference(
         flat(model.parameters()),
         block,
         n_blocks,
@@ -127,13 +127,13 @@ def run_against_spec(base, meta, blocks, gamma, steps=30, lr_at=lambda t: 1.0, k
         meta_weight_decay=meta_weight_decay,
     )
     optimizer = make_optimizer(model, base, meta, blocks, gamma=gamma, kernel=kernel, meta_weight_decay=meta_weight_decay)
-    spec_model = make_net()
+    reference_model = make_net()
     for t in range(steps):
-        # The spec's gradient, at its own weights.
-        chunks = torch.split(spec.w, [math.prod(s) for s in shapes])
+        # The reference's gradient, at its own weights.
+        chunks = torch.split(reference.w, [math.prod(s) for s in shapes])
         params = {n: c.view(s).clone().requires_grad_() for n, c, s in zip(names, chunks, shapes)}
-        grads = torch.autograd.grad(loss_fn(spec_model, params, t), list(params.values()))
-        spec.step(flat(grads), lr=lr_at(t))
+        grads = torch.autograd.grad(loss_fn(reference_model, params, t), list(params.values()))
+        reference.step(flat(grads), lr=lr_at(t))
         # The optimizer's step, at its own weights.
         for group in optimizer.param_groups:
             group["lr"] = lr_at(t)
@@ -142,38 +142,38 @@ def run_against_spec(base, meta, blocks, gamma, steps=30, lr_at=lambda t: 1.0, k
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
     step_sizes = flat([optimizer.step_size(p).expand_as(p) for p in model.parameters()])
-    return model, spec, step_sizes, optimizer
+    return model, reference, step_sizes, optimizer
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 @pytest.mark.parametrize("blocks", ["scalar", "param_group", "layerwise", "nodewise", "weightwise"])
 @pytest.mark.parametrize("base,meta", PAIRS)
-def test_matches_the_spec(base, meta, blocks, gamma):
-    model, spec, step_sizes, _ = run_against_spec(base, meta, blocks, gamma)
-    assert relative_error(flat(model.parameters()), spec.w) < 1e-10
-    assert relative_error(step_sizes, spec.step_sizes()) < 1e-10
+def test_matches_the_reference(base, meta, blocks, gamma):
+    model, reference, step_sizes, _ = run_against_reference(base, meta, blocks, gamma)
+    assert relative_error(flat(model.parameters()), reference.w) < 1e-10
+    assert relative_error(step_sizes, reference.step_sizes()) < 1e-10
     # The comparison has teeth only if the step sizes moved away from alpha0.
-    assert (spec.step_sizes() / ALPHA0[base]).log().abs().max() > 1e-3
+    assert (reference.step_sizes() / ALPHA0[base]).log().abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kernel", ["reference", "foreach"])
 @pytest.mark.parametrize("blocks", ["scalar", "layerwise"])
 @pytest.mark.parametrize("base,meta", PAIRS)
-def test_meta_weight_decay_matches_the_spec(base, meta, blocks, kernel):
-    model, spec, step_sizes, _ = run_against_spec(base, meta, blocks, 0.9, kernel=kernel, meta_weight_decay=0.01)
-    assert relative_error(flat(model.parameters()), spec.w) < 1e-10
-    assert relative_error(step_sizes, spec.step_sizes()) < 1e-10
+def test_meta_weight_decay_matches_the_reference(base, meta, blocks, kernel):
+    model, reference, step_sizes, _ = run_against_reference(base, meta, blocks, 0.9, kernel=kernel, meta_weight_decay=0.01)
+    assert relative_error(flat(model.parameters()), reference.w) < 1e-10
+    assert relative_error(step_sizes, reference.step_sizes()) < 1e-10
     # With it off, the same run ends elsewhere: the decay is applied, not ignored.
-    undecayed = run_against_spec(base, meta, blocks, 0.9, kernel=kernel)[2]
+    undecayed = run_against_reference(base, meta, blocks, 0.9, kernel=kernel)[2]
     assert relative_error(undecayed, step_sizes) > 1e-6
 
 
 @pytest.mark.parametrize("blocks", ["scalar", "param_group", "layerwise", "nodewise", "weightwise"])
 @pytest.mark.parametrize("base,meta", PAIRS)
-def test_reference_kernel_matches_the_spec(base, meta, blocks):
-    model, spec, step_sizes, _ = run_against_spec(base, meta, blocks, 0.9, steps=15, kernel="reference")
-    assert relative_error(flat(model.parameters()), spec.w) < 1e-10
-    assert relative_error(step_sizes, spec.step_sizes()) < 1e-10
+def test_reference_kernel_matches_the_independent_reference(base, meta, blocks):
+    model, reference, step_sizes, _ = run_against_reference(base, meta, blocks, 0.9, steps=15, kernel="reference")
+    assert relative_error(flat(model.parameters()), reference.w) < 1e-10
+    assert relative_error(step_sizes, reference.step_sizes()) < 1e-10
 
 
 @pytest.mark.parametrize("blocks", ["scalar", "param_group", "layerwise", "nodewise", "weightwise"])
@@ -191,9 +191,9 @@ def test_foreach_kernel_equals_reference_kernel(base, meta, blocks):
 
 def test_lr_schedule_multiplies_the_step_size_and_enters_the_trace():
     """A warm-up on the param group's lr: the effective step is lr * exp(beta), the trace included."""
-    model, spec, step_sizes, _ = run_against_spec("adamw", "adam", "layerwise", 1.0, lr_at=lambda t: (t + 1) / 10)
-    assert relative_error(flat(model.parameters()), spec.w) < 1e-10
-    assert relative_error(step_sizes, spec.step_sizes(lr=30 / 10)) < 1e-10
+    model, reference, step_sizes, _ = run_against_reference("adamw", "adam", "layerwise", 1.0, lr_at=lambda t: (t + 1) / 10)
+    assert relative_error(flat(model.parameters()), reference.w) < 1e-10
+    assert relative_error(step_sizes, reference.step_sizes(lr=30 / 10)) < 1e-10
 
 
 def test_lr_scheduler_composes():

@@ -12,7 +12,7 @@ from torch import nn
 
 from metaopt import BASES, METAS, MetaOptimize
 from tests.released_reference import ReleasedMetaOptimize
-from tests.spec_reference import block_ids
+from tests.standard_reference import block_ids
 from tests.test_optimizer import batch, flat, loss_fn, make_net, relative_error, two_groups
 
 PAIRS = list(itertools.product(BASES, METAS))

@@ -15,7 +15,7 @@ from torch import nn
 
 import metaopt
 from metaopt import MetaOptimize
-from metaopt.exact import Approximation
+from metaopt.hessian import Approximation
 
 
 def sutton_stream(steps, n=20, relevant=5, flip_every=20, seed=0):

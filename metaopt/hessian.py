@@ -103,10 +103,10 @@ def resolve(approx: str | Approximation, blocks: str) -> Approximation:
     the combination is not supported, naming what to change."""
     if isinstance(approx, str):
         if approx not in KINDS:
-            raise ValueError(f"unknown approx {approx!r}: approx must be one of {list(KINDS)} or a metaopt.exact.Approximation")
+            raise ValueError(f"unknown approx {approx!r}: approx must be one of {list(KINDS)} or a metaopt.hessian.Approximation")
         approx = Approximation(approx)
     if not isinstance(approx, Approximation):
-        raise ValueError(f"approx must be one of {list(KINDS)} or a metaopt.exact.Approximation, got {approx!r}")
+        raise ValueError(f"approx must be one of {list(KINDS)} or a metaopt.hessian.Approximation, got {approx!r}")
     if approx.kind not in KINDS:
         raise ValueError(f"unknown Approximation kind {approx.kind!r}: kind must be one of {list(KINDS)}")
     if approx.kind == "hessian_free":
@@ -188,35 +188,75 @@ def _push_forward(partials: dict[str, dict[str, Tensor]], tangents: dict[str, Te
 # -- the step --------------------------------------------------------------------------
 
 
+class Param(NamedTuple):
+    """A parameter with a gradient, as :func:`step` takes it."""
+
+    param: Tensor
+    state: dict[str, Any]  # step, trace (``columns`` first with hessian="hvp"), base moments; their traces added here
+    block: int  # the index of its step-size block in the list of blocks
+    view_shape: tuple[int, ...]  # the shape of the block's beta broadcast over the parameter
+
+
+class StepSizeBlock(NamedTuple):
+    """Weights that share a step size, as :func:`step` takes them."""
+
+    state: dict[str, Any]  # beta, meta_step, the meta moments; the meta traces are added here
+    group: dict[str, Any]  # the param group it takes gamma and its meta hyper-parameters from
+
+
 class _Block(NamedTuple):
-    state: dict  # the owner's state: beta, meta moments, meta traces
-    meta_group: int
+    state: dict[str, Any]
+    group: dict[str, Any]
     column: int  # its column of H (hessian="hvp"); 0 with hessian="diagonal"
 
 
-def step(optimizer, closure: Callable[[], Any] | None, hessian_diagonal: dict[Tensor, Tensor] | None):
-    """One MetaOptimize step with ``optimizer.approx`` of kind ``"l"`` or ``"2x2"`` (see the module doc)."""
-    approx: Approximation = optimizer.approx
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    entries = [(p, group) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+def trace_columns(approx: Approximation, blocks: int) -> int:
+    """The number of columns of the trace ``H``: one per step-size block with ``hessian="hvp"``, else 1."""
+    return blocks if approx.hessian == "hvp" else 1
+
+
+def step(
+    approx: Approximation,
+    groups: list[tuple[dict[str, Any], list[Param]]],
+    step_size_blocks: list[StepSizeBlock],
+    *,
+    base_rule,
+    meta_rule,
+    closure_given: bool,
+    hessian_diagonal: dict[Tensor, Tensor] | None,
+) -> None:
+    """One MetaOptimize step of kind ``"l"`` or ``"2x2"`` (see the module doc).
+
+    Args:
+        approx: the approximation, with ``hessian`` resolved (:func:`resolve`).
+        groups: each param group (its hyper-parameters) with its parameters that have a gradient;
+            with ``hessian="hvp"`` the closure built those gradients with ``create_graph=True``.
+        step_size_blocks: every block (a block's column of ``H`` exists whether or not its
+            weights have a gradient this step), each with its ``beta`` and meta moments created.
+        base_rule, meta_rule: the :class:`~metaopt.rules.Rule` of the base and meta updates.
+        closure_given: whether ``step`` had a closure (for the error when no gradient has a graph).
+        hessian_diagonal: ``{p: diagonal of the Hessian}`` for ``hessian="diagonal"``, when known.
+    """
+    entries = [(param, group) for group, params in groups for param in params]
     if not entries:
-        return loss
-    blocks, columns = _init_state(optimizer)
-    layout = optimizer._block_layout
+        return
+    columns = trace_columns(approx, len(step_size_blocks))
+    blocks = [_Block(block.state, block.group, index if approx.hessian == "hvp" else 0)
+              for index, block in enumerate(step_size_blocks)]
+    _init_traces(entries, blocks, columns, base_rule.moment_names, meta_rule.moment_names)
 
     # Hess @ (gamma H), before any tensor of the graph changes. gamma = 0 needs none.
-    keep_hessian = any(group["gamma"] != 0 for group in optimizer.param_groups)
+    keep_hessian = any(group["gamma"] != 0 for group, _ in groups)
     if hessian_diagonal is not None and approx.hessian != "diagonal":
         raise ValueError(f"hessian_diagonal is used by hessian='diagonal'; this optimizer has hessian={approx.hessian!r}")
     if keep_hessian:
-        products, diagonals = _hessian_products(optimizer, entries, columns, closure, hessian_diagonal)
+        products, diagonals = _hessian_products(approx, entries, columns, closure_given, hessian_diagonal)
     else:
-        products = {p: torch.zeros((columns, *p.shape), dtype=p.dtype, device=p.device) for p, _ in entries}
-        diagonals = {p: torch.zeros_like(p) for p, _ in entries}
-    for p, _ in entries:
+        products = {param.param: torch.zeros((columns, *param.param.shape), dtype=param.param.dtype,
+                                             device=param.param.device) for param, _ in entries}
+        diagonals = {param.param: torch.zeros_like(param.param) for param, _ in entries}
+    for param, _ in entries:
+        p = param.param
         if p.grad.grad_fn is not None:
             p.grad = p.grad.detach()  # frees the graph: it holds the parameters (a reference cycle otherwise)
 
@@ -225,86 +265,65 @@ def step(optimizer, closure: Callable[[], Any] | None, hessian_diagonal: dict[Te
     z: dict[int, Tensor] = {}
     z_tangent: dict[int, Tensor] = {}
     if approx.hessian == "hvp":  # z[b] = H[:, b] . g over every weight; z_tangent[b, j] = H[:, b] . Hess (gamma H[:, j])
-        traces = [optimizer.state[p]["trace"].reshape(columns, -1) for p, _ in entries]
-        z_all = sum(trace @ p.grad.reshape(-1) for trace, (p, _) in zip(traces, entries))
-        for key, block in blocks.items():
-            z[key] = z_all[block.column]
+        traces = [param.state["trace"].reshape(columns, -1) for param, _ in entries]
+        z_all = sum(trace @ param.param.grad.reshape(-1) for trace, (param, _) in zip(traces, entries))
+        for index, block in enumerate(blocks):
+            z[index] = z_all[block.column]
         if approx.kind == "2x2":
-            z_tangent_all = sum(trace @ products[p].reshape(columns, -1).T for trace, (p, _) in zip(traces, entries))
-            for key, block in blocks.items():
-                z_tangent[key] = z_tangent_all[block.column]
+            z_tangent_all = sum(trace @ products[param.param].reshape(columns, -1).T for trace, (param, _) in zip(traces, entries))
+            for index, block in enumerate(blocks):
+                z_tangent[index] = z_tangent_all[block.column]
     else:  # every column of H lives on its own block: sums over the block's weights
-        for p, _ in entries:
-            key = id(optimizer._owner_state(layout[id(p)].owner))
-            shape, view_shape = blocks[key].state["beta"].shape, layout[id(p)].view_shape
-            trace = optimizer.state[p]["trace"]
-            z[key] = z.get(key, 0) + (trace * p.grad).sum_to_size(view_shape).reshape(shape)
+        for param, _ in entries:
+            shape = blocks[param.block].state["beta"].shape
+            trace = param.state["trace"]
+            z[param.block] = z.get(param.block, 0) + (trace * param.param.grad).sum_to_size(param.view_shape).reshape(shape)
             if approx.kind == "2x2":
-                row = (trace.unsqueeze(0) * products[p]).sum_to_size((1, *view_shape)).reshape(1, *shape)
-                z_tangent[key] = z_tangent.get(key, 0) + row
+                row = (trace.unsqueeze(0) * products[param.param]).sum_to_size((1, *param.view_shape)).reshape(1, *shape)
+                z_tangent[param.block] = z_tangent.get(param.block, 0) + row
 
     if approx.meta_first:
-        _meta_updates(optimizer, blocks, columns, z, z_tangent)
-    directions = {key: _beta_direction(optimizer, block, columns) for key, block in blocks.items()}
-    for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
+        _meta_updates(meta_rule, blocks, columns, z, z_tangent)
+    directions = [_beta_direction(block, columns) for block in blocks]
+    for group, params in groups:
         if params:
-            _base_update(optimizer, group, params, blocks, directions, products, diagonals, columns)
+            _base_update(approx, base_rule, group, params, blocks, directions, products, diagonals, columns)
     if not approx.meta_first:
-        _meta_updates(optimizer, blocks, columns, z, z_tangent)
-    return loss
+        _meta_updates(meta_rule, blocks, columns, z, z_tangent)
 
 
-def _init_state(optimizer) -> tuple[dict[int, _Block], int]:
-    """Initialise every parameter's and block's state (all of them: a block's column of H exists
-    whether or not its weights have a gradient this step); the blocks by ``id`` of their state,
-    and the number of columns of H."""
-    approx: Approximation = optimizer.approx
-    layout = optimizer._block_layout
-    blocks: dict[int, _Block] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            block = layout[id(p)]
-            owner_state = optimizer._owner_state(block.owner)
-            if id(owner_state) not in blocks:
-                column = len(blocks) if approx.hessian == "hvp" else 0
-                blocks[id(owner_state)] = _Block(owner_state, block.meta_group, column)
-    columns = len(blocks) if approx.hessian == "hvp" else 1
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if "trace" not in state:
-                optimizer._init_param(p, state)
-                state["trace"] = torch.zeros((columns, *p.shape) if columns > 1 else p.shape, dtype=p.dtype, device=p.device)
-                for name in optimizer.base_rule.moment_names:
-                    state[f"trace_{name}"] = torch.zeros_like(state["trace"])
-            elif state["trace"].numel() != columns * p.numel():
-                raise RuntimeError(
-                    f"the trace of a parameter has {state['trace'].numel() // p.numel()} columns, not {columns}: "
-                    "with hessian='hvp' the step-size blocks cannot change after the first step"
-                )
-            block = layout[id(p)]
-            owner_state = optimizer._owner_state(block.owner)
-            if "beta" not in owner_state:
-                alpha0 = optimizer.param_groups[block.meta_group]["alpha0"]
-                optimizer._init_block(owner_state, optimizer._block_shape(block.owner), alpha0, p)
-                beta = owner_state["beta"]
-                if approx.hessian == "hvp":  # row `column` of the m x m identity
-                    trace = torch.zeros(columns, dtype=beta.dtype, device=beta.device)
-                    trace[blocks[id(owner_state)].column] = 1
-                else:
-                    trace = torch.ones_like(beta)
-                owner_state["meta_trace"] = trace
-                for name in optimizer.meta_rule.moment_names:
-                    owner_state[f"meta_trace_{name}"] = torch.zeros_like(trace)
-    return blocks, columns
+def _init_traces(entries, blocks: list[_Block], columns: int, base_moments, meta_moments) -> None:
+    """The traces of the base moments beside each parameter's trace, and the traces of each
+    block's beta (``Y^beta``: a row of the identity) and meta moments, at their first step."""
+    for param, _ in entries:
+        state = param.state
+        if state["trace"].numel() != columns * param.param.numel():
+            raise RuntimeError(
+                f"the trace of a parameter has {state['trace'].numel() // param.param.numel()} columns, not {columns}: "
+                "with hessian='hvp' the step-size blocks cannot change after the first step"
+            )
+        for name in base_moments:
+            if f"trace_{name}" not in state:
+                state[f"trace_{name}"] = torch.zeros_like(state["trace"])
+    for block in blocks:
+        if "meta_trace" in block.state:
+            continue
+        beta = block.state["beta"]
+        if columns > 1:  # hessian="hvp": row `column` of the m x m identity
+            trace = torch.zeros(columns, dtype=beta.dtype, device=beta.device)
+            trace[block.column] = 1
+        else:
+            trace = torch.ones_like(beta)
+        block.state["meta_trace"] = trace
+        for name in meta_moments:
+            block.state[f"meta_trace_{name}"] = torch.zeros_like(trace)
 
 
-def _hessian_products(optimizer, entries, columns, closure, hessian_diagonal):
+def _hessian_products(approx: Approximation, entries, columns: int, closure_given: bool, hessian_diagonal):
     """``Hess @ (gamma H)`` of every parameter, shape ``(columns, *p.shape)``, and the Hessian
     diagonal used (``hessian="diagonal"``; zeros otherwise)."""
-    approx: Approximation = optimizer.approx
-    params = [p for p, _ in entries]
+    params = [param.param for param, _ in entries]
+    traces = [param.state["trace"] for param, _ in entries]
     gammas = [group["gamma"] for _, group in entries]
     if approx.hessian == "diagonal" and hessian_diagonal is not None:
         missing = [i for i, p in enumerate(params) if p not in hessian_diagonal]
@@ -315,12 +334,12 @@ def _hessian_products(optimizer, entries, columns, closure, hessian_diagonal):
         graphed = [p for p in params if p.grad.grad_fn is not None]
         if not graphed:
             what = f"approx={approx.kind!r} (hessian={approx.hessian!r}) keeps the Hessian term and needs Hessian-vector products"
-            if closure is None:
+            if not closure_given:
                 raise ValueError(f"{what}: call step(closure) with a closure that calls loss.backward(create_graph=True)")
             raise RuntimeError(f"{what}: the closure passed to step() must call loss.backward(create_graph=True)")
         if approx.hessian == "hvp":
             vectors = [
-                [gamma * optimizer.state[p]["trace"].view(columns, *p.shape)[column] for p, gamma in zip(params, gammas)]
+                [gamma * trace.view(columns, *p.shape)[column] for p, trace, gamma in zip(params, traces, gammas)]
                 for column in range(columns)
             ]
             per_column = [_hessian_vector_product(params, graphed, v, last=c == columns - 1) for c, v in enumerate(vectors)]
@@ -329,9 +348,7 @@ def _hessian_products(optimizer, entries, columns, closure, hessian_diagonal):
         signs = [torch.empty_like(p).bernoulli_(0.5).mul_(2).sub_(1) for p in params]  # Hutchinson's probe
         products = _hessian_vector_product(params, graphed, signs, last=True)
         diagonals = {p: u * hu for p, u, hu in zip(params, signs, products)}
-    products = {
-        p: (diagonals[p] * gamma * optimizer.state[p]["trace"]).view(1, *p.shape) for p, gamma in zip(params, gammas)
-    }
+    products = {p: (diagonals[p] * gamma * trace).view(1, *p.shape) for p, trace, gamma in zip(params, traces, gammas)}
     return products, diagonals
 
 
@@ -350,10 +367,10 @@ def _hessian_vector_product(params, graphed, vectors, *, last):
     return [torch.zeros_like(p) if hv is None else hv for p, hv in zip(params, products)]
 
 
-def _beta_direction(optimizer, block: _Block, columns: int) -> Tensor:
+def _beta_direction(block: _Block, columns: int) -> Tensor:
     """``b = gamma Y^beta + (1 - gamma) I``, the row of the block: how its beta moves per column,
     shape ``(columns, *beta.shape)``."""
-    gamma = optimizer.param_groups[block.meta_group]["gamma"]
+    gamma = block.group["gamma"]
     beta = block.state["beta"]
     trace = block.state["meta_trace"].view(columns, *beta.shape)
     identity = torch.zeros_like(trace)
@@ -376,24 +393,21 @@ def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
     return [chunk.reshape(t.shape) for chunk, t in zip(torch.split(flat, sizes, dim=-1), like)]
 
 
-def _base_update(optimizer, group, params, blocks, directions, products, diagonals, columns):
+def _base_update(approx: Approximation, rule, group, entries: list[Param], blocks, directions, products, diagonals, columns):
     """Base step of one param group and the update of its traces,
     ``X <- dF/dx (gamma X) + dF/dg Hess (gamma H) + dF/dbeta b``.
 
     The group's tensors go side by side in one vector: the rules act weight by weight, so one
     differentiation of the step serves them all."""
-    approx: Approximation = optimizer.approx
-    rule = optimizer.base_rule
-    layout = optimizer._block_layout
-    states = [optimizer.state[p] for p in params]
+    params = [param.param for param in entries]
+    states = [param.state for param in entries]
     gamma = group["gamma"]
     betas, beta_directions = [], []
-    for p in params:
-        view_shape = layout[id(p)].view_shape
-        block = blocks[id(optimizer._owner_state(layout[id(p)].owner))]
-        betas.append(block.state["beta"].view(view_shape).expand_as(p))
+    for param in entries:
+        p, view_shape = param.param, param.view_shape
+        betas.append(blocks[param.block].state["beta"].view(view_shape).expand_as(p))
         # b, per column, broadcast to the block's weights
-        b = directions[id(block.state)].reshape((columns,) + (1,) * (p.dim() - len(view_shape)) + tuple(view_shape))
+        b = directions[param.block].reshape((columns,) + (1,) * (p.dim() - len(view_shape)) + tuple(view_shape))
         beta_directions.append(b.expand(columns, *p.shape))
     for state in states:
         state["step"] += 1
@@ -436,17 +450,16 @@ def _base_update(optimizer, group, params, blocks, directions, products, diagona
             state[name].copy_(value)
 
 
-def _meta_updates(optimizer, blocks: dict[int, _Block], columns: int, z, z_tangent) -> None:
+def _meta_updates(rule, blocks: list[_Block], columns: int, z, z_tangent) -> None:
     """Meta step of every block with a meta-gradient and the update of its traces,
     ``Y <- dM/dy (gamma Y + (1 - gamma) [I; 0]) + dM/dz H^T Hess (gamma H)``, one meta group
     at a time on its blocks side by side."""
     by_group: dict[int, list[tuple[int, _Block]]] = {}
-    for key, block in blocks.items():
+    for key, block in enumerate(blocks):
         if key in z:
-            by_group.setdefault(block.meta_group, []).append((key, block))
-    rule = optimizer.meta_rule
-    for meta_group, entries in by_group.items():
-        group = optimizer.param_groups[meta_group]
+            by_group.setdefault(id(block.group), []).append((key, block))
+    for entries in by_group.values():
+        group = entries[0][1].group
         gamma = group["gamma"]
         states = [block.state for _, block in entries]
         betas = [state["beta"] for state in states]
@@ -467,11 +480,11 @@ def _meta_updates(optimizer, blocks: dict[int, _Block], columns: int, z, z_tange
         }
         outputs, partials = _step_and_partials(meta_step, inputs)
         meta_gradient_tangents = [  # the L-approximation drops dM/dz H^T Hess H
-            z_tangent[key].to(beta.dtype) if key in z_tangent else torch.zeros((columns, beta.numel()), dtype=beta.dtype)
+            z_tangent[key].to(beta.dtype) if key in z_tangent else torch.zeros((columns, beta.numel()), dtype=beta.dtype, device=beta.device)
             for (key, _), beta in zip(entries, betas)
         ]
         tangents = {
-            "beta": _flat([_beta_direction(optimizer, block, columns) for _, block in entries], columns),
+            "beta": _flat([_beta_direction(block, columns) for _, block in entries], columns),
             "z": _flat(meta_gradient_tangents, columns),
             **{name: gamma * _flat([s[f"meta_trace_{name}"] for s in states], columns) for name in rule.moment_names},
         }

@@ -54,7 +54,7 @@ def block_ids(names, shapes, groups, blocks):
     return torch.tensor(ids), next_id
 
 
-class SpecMetaOptimize:
+class StandardReference:
     """The standard step on a flat weight vector.
 
     weight_decay: one value per weight (param groups may differ). Meta hyper-parameters
