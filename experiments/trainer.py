@@ -5,9 +5,11 @@ it holds a checkpoint); data, model and optimizer; precision, compile and DDP; t
 which logs train loss / accuracy / step sizes every ``log_every`` steps, evaluates every
 ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked to stop
 (SIGTERM, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss or a step size
-stops being finite. Every optimizer goes through the same adapter calls, those of
-experiments.adapters.Adapter; nothing here depends on which optimizer runs. The columns of
-metrics.csv and the summary's rules come from experiments/schema.py.
+stops being finite. What changes during a run (step, model, optimizer, train window, clock, log) is
+one RunState, whose methods resume it, evaluate, checkpoint and write the run folder's records.
+Every optimizer goes through the same adapter calls, those of experiments.adapters.Adapter;
+nothing here depends on which optimizer runs. The columns of metrics.csv and the summary's rules
+come from experiments/schema.py.
 
 Both tasks use one loss: ``cross_entropy(logits.flatten(0, -2), y.flatten())`` (class logits
 for images, next-token logits for language models).
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -58,9 +60,134 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns. A run folder that already holds a finished run is left as it is:
+    ``summary`` is the one saved then, and ``model`` and ``adapter`` are None (nothing is built)."""
+
     summary: dict[str, Any]  # final metrics, also in meta.json
-    model: nn.Module  # the unwrapped trained model
-    adapter: Adapter  # the optimizer adapter (experiments/adapters.py)
+    model: nn.Module | None  # the unwrapped trained model
+    adapter: Adapter | None  # the optimizer adapter (experiments/adapters.py)
+
+
+@dataclass
+class RunState:
+    """One process's state of a run during this job: what the loop changes and what checkpointing,
+    resuming, evaluating and the run folder's records share with it.
+
+    Created once model and optimizer are built; ``save_checkpoint`` keeps what must outlive the
+    job and ``resume`` restores it, so a resumed run continues bit for bit.
+    """
+
+    cfg: DictConfig
+    config: dict[str, Any]  # cfg resolved: written to config.yaml, checkpointed, compared on resume
+    run_dir: str
+    checkpoint_path: str
+    # the process layout: every rank holds its own RunState
+    rank: int
+    world_size: int
+    device: torch.device
+    # what training changes
+    model: nn.Module  # unwrapped: neither compiled nor wrapped in DDP, as checkpointed
+    adapter: Adapter
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None  # autocast's dtype, None for fp32
+    window: _Window  # train loss / accuracy sums since the last logged row
+    step: int = 0
+    elapsed_before: float = 0.0  # the wall time of the jobs before this one
+    started: float = field(default_factory=time.time)  # this job's start: max_time counts from here
+    log: MetricsLog | None = None  # metrics.csv and W&B, on the main rank only
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def meta_path(self) -> str:
+        return os.path.join(self.run_dir, "meta.json")
+
+    def autocast(self) -> torch.autocast:
+        """The precision of the forward passes (a no-op for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def elapsed(self) -> float:
+        """The wall time of the run over all its jobs."""
+        return self.elapsed_before + time.time() - self.started
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's payload: weights, optimizer, scaler, train window, this
+        rank's random number generators, step and elapsed time."""
+        self.model.load_state_dict(state["model"])
+        self.adapter.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.window.load_state_dict(state["window"])
+        # each rank's own generators (a run resumed on fewer ranks takes the first ones)
+        checkpoint.set_rng_state(state["rng"][self.rank % len(state["rng"])])
+        self.step, self.elapsed_before = state["step"], state["elapsed_s"]
+
+    def write_start_records(self, resumed_at_step: int | None) -> None:
+        """config.yaml, and meta.json saying the run is running (and from which step it resumed)."""
+        with files.atomic_write(os.path.join(self.run_dir, "config.yaml")) as f:
+            f.write(OmegaConf.to_yaml(self.config))
+        meta = run_metadata(self.cfg.seed, self.device, self.world_size)
+        meta["status"] = "running"
+        meta["resumed_at_step"] = resumed_at_step
+        write_json(meta, self.meta_path)
+
+    def evaluate(self, test: Dataset, batch_size: int) -> dict[str, float]:
+        """Test loss and accuracy; each rank evaluates its share of the test batches."""
+        tcfg = self.cfg.trainer
+        eval_model = self.adapter.eval_model(self.model)
+        eval_model.eval()
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss * examples, correct, examples
+        batches = _test_batches(test, batch_size, tcfg.eval_batches, self.rank, self.world_size, tcfg.num_workers)
+        with torch.no_grad(), self.autocast():
+            for x, y in batches:
+                x, y = x.to(self.device), y.to(self.device)
+                logits = eval_model(x)
+                sums[0] += F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum").double()
+                sums[1] += (logits.argmax(-1) == y).sum()
+                sums[2] += y.numel()
+        self.model.train()
+        if self.distributed:
+            dist.all_reduce(sums)
+        loss_sum, correct, count = sums.tolist()
+        return {"test/loss": loss_sum / count, "test/acc": correct / count}
+
+    def save_checkpoint(self, finished: bool, summary: dict[str, Any] | None = None) -> None:
+        """Checkpoint the run at the current step: every rank calls it (its generators are
+        gathered), the main rank writes the file."""
+        rng = [checkpoint.rng_state()]
+        if self.distributed:
+            rng = [None] * self.world_size
+            dist.all_gather_object(rng, checkpoint.rng_state())
+        if self.is_main:
+            payload = {
+                "step": self.step, "finished": finished, "summary": summary, "config": self.config,
+                "model": self.model.state_dict(), "optimizer": self.adapter.state_dict(),
+                "scaler": self.scaler.state_dict(), "window": self.window.state_dict(), "rng": rng,
+                "elapsed_s": self.elapsed(),
+            }
+            # a diverged state never replaces the last good checkpoint, even between logged rows
+            problem = _non_finite_state(payload, self.adapter.step_sizes())
+            if problem:
+                raise FloatingPointError(_divergence_message(*problem, self))
+            if self.log is not None:
+                self.log.sync()  # the rows up to this step reach the disk before the checkpoint that counts on them
+            checkpoint.save(payload, self.checkpoint_path)
+
+    def write_final_record(self, status: str, summary: dict[str, Any] | None, signal_name: str | None) -> None:
+        """meta.json's status and step at the end of this job: "finished" (with the summary) only
+        once the final checkpoint is written, "preempted" (with the signal) while a stopped job
+        waits for its requeue."""
+        record = {"status": status, "step": self.step}
+        if status == "finished":
+            record["summary"] = summary
+        if status == "preempted":
+            record["signal"] = signal_name
+        write_json({**_read_json(self.meta_path), **record}, self.meta_path)
 
 
 def train(cfg: DictConfig, run_dir: str) -> TrainResult:
@@ -88,11 +215,10 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
                                 rank=rank, world_size=world_size)
         created_group = True
-    is_main = rank == 0
 
     # -- run folder: locked, cleared of killed writers' temporaries, resumed from its checkpoint --
     os.makedirs(run_dir, exist_ok=True)
-    if is_main:
+    if rank == 0:
         run_folder_lock.enter_context(files.RunLock(run_dir))
         files.remove_temporaries(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -141,205 +267,150 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
     if distributed:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # -- restore the checkpoint ------------------------------------------------------------------
-    started = time.time()  # this job's start: max_time counts from here
-    step, elapsed_before = 0, 0.0  # elapsed_before: the wall time of the jobs before this one
-    window = _Window(device)  # train loss / accuracy sums since the last logged row
+    # -- the run's state, restored from the checkpoint ------------------------------------------------
+    # From here on everything that changes during the run lives in `run`; this job's clock starts now.
+    run = RunState(cfg=cfg, config=config, run_dir=run_dir, checkpoint_path=checkpoint_path, rank=rank,
+                   world_size=world_size, device=device, model=model, adapter=adapter, scaler=scaler,
+                   amp_dtype=amp_dtype, window=_Window(device))
     if state is not None:
-        model.load_state_dict(state["model"])
-        adapter.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        window.load_state_dict(state["window"])
-        # each rank's own generators (a run resumed on fewer ranks takes the first ones)
-        checkpoint.set_rng_state(state["rng"][rank % len(state["rng"])])
-        step, elapsed_before = state["step"], state["elapsed_s"]
+        run.resume(state)
 
     # -- preemption: from here on a stop signal is recorded and acted on at the end of a step ---------
     stops = _StopSignals()
     try:
         # -- logging -----------------------------------------------------------------------------
-        step_size_keys = list(adapter.step_sizes())
+        step_size_keys = list(run.adapter.step_sizes())
         columns = schema.metrics_columns(step_size_keys)
-        log = None
-        if is_main:
+        if run.is_main:
             name = os.path.relpath(run_dir, cfg.get("run_root", "."))
-            log = MetricsLog(run_dir, columns, csv_enabled=cfg.logger.csv, wandb=config["logger"]["wandb"],
-                             resume_step=None if state is None else step, config=config,
-                             name=name if not name.startswith("..") else os.path.basename(run_dir))
+            run.log = MetricsLog(run_dir, columns, csv_enabled=cfg.logger.csv, wandb=run.config["logger"]["wandb"],
+                                 resume_step=None if state is None else run.step, config=run.config,
+                                 name=name if not name.startswith("..") else os.path.basename(run_dir))
             print(f"{run_dir}: {num_params:,} parameters, {total_steps} steps of {data.batch_size} "
-                  f"({steps_per_epoch} per epoch), {world_size} x {device}, {tcfg.precision}"
-                  + (f", resuming at step {step}" if state is not None else ""))
+                  f"({steps_per_epoch} per epoch), {run.world_size} x {run.device}, {tcfg.precision}"
+                  + (f", resuming at step {run.step}" if state is not None else ""))
 
         # -- the run folder's records: written once the run is set up (logger and W&B included), so
         # a run that fails to start (a missing dataset, a bad keyword) leaves no record claiming it runs
-        if is_main:
-            with files.atomic_write(os.path.join(run_dir, "config.yaml")) as f:
-                f.write(OmegaConf.to_yaml(config))
-            meta = run_metadata(cfg.seed, device, world_size)
-            meta["status"] = "running"
-            meta["resumed_at_step"] = None if state is None else state["step"]
-            write_json(meta, os.path.join(run_dir, "meta.json"))
+        if run.is_main:
+            run.write_start_records(resumed_at_step=None if state is None else state["step"])
     except BaseException:
         stops.restore()
         raise
 
-    def evaluate() -> dict[str, float]:
-        """Test loss and accuracy; each rank evaluates its share of the test batches."""
-        eval_model = adapter.eval_model(model)
-        eval_model.eval()
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * examples, correct, examples
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            for x, y in _test_batches(data.test, data.batch_size, tcfg.eval_batches, rank, world_size, tcfg.num_workers):
-                x, y = x.to(device), y.to(device)
-                logits = eval_model(x)
-                sums[0] += F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum").double()
-                sums[1] += (logits.argmax(-1) == y).sum()
-                sums[2] += y.numel()
-        model.train()
-        if distributed:
-            dist.all_reduce(sums)
-        loss_sum, correct, count = sums.tolist()
-        return {"test/loss": loss_sum / count, "test/acc": correct / count}
-
-    def save_checkpoint(finished: bool, summary: dict[str, Any] | None = None) -> None:
-        rng = [checkpoint.rng_state()]
-        if distributed:
-            rng = [None] * world_size
-            dist.all_gather_object(rng, checkpoint.rng_state())
-        if is_main:
-            payload = {
-                "step": step, "finished": finished, "summary": summary, "config": config,
-                "model": model.state_dict(), "optimizer": adapter.state_dict(), "scaler": scaler.state_dict(),
-                "window": window.state_dict(), "rng": rng, "elapsed_s": elapsed_before + time.time() - started,
-            }
-            # a diverged state never replaces the last good checkpoint, even between logged rows
-            problem = _non_finite_state(payload, adapter.step_sizes())
-            if problem:
-                raise FloatingPointError(_divergence_message(*problem, step, cfg, checkpoint_path))
-            if log is not None:
-                log.sync()  # the rows up to this step reach the disk before the checkpoint that counts on them
-            checkpoint.save(payload, checkpoint_path)
-
     # -- the loop ----------------------------------------------------------------------------------
-    timer = _StepTimer(device)
+    timer = _StepTimer(run.device)
     windows_ms: list[tuple[float, float]] = []
     last_row: dict[str, Any] = {}
     status = "running"
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    summary: dict[str, Any] | None = None  # the final metrics, once the loop is over
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     # a log file (SLURM, make run > log) gets a line every 30 s, not one per update
-    progress = tqdm(total=total_steps, initial=step, disable=not (is_main and tcfg.progress_bar), dynamic_ncols=True,
-                    mininterval=0.1 if sys.stderr.isatty() else 30)
+    progress = tqdm(total=total_steps, initial=run.step, disable=not (run.is_main and tcfg.progress_bar),
+                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
     try:
         if state is None and tcfg.eval_every:
-            last_row = {"step": 0, "epoch": 0.0, "time/elapsed_s": 0.0, **evaluate(), **adapter.step_sizes()}
-            if log is not None:
-                log.log(last_row)
-        batches = _train_batches(data.train, data.batch_size, steps_per_epoch, step, cfg.seed, rank, world_size,
-                                 tcfg.num_workers, device)
-        model.train()
-        while step < total_steps:
+            last_row = {"step": 0, "epoch": 0.0, "time/elapsed_s": 0.0, **run.evaluate(data.test, data.batch_size),
+                        **run.adapter.step_sizes()}
+            if run.log is not None:
+                run.log.log(last_row)
+        batches = _train_batches(data.train, data.batch_size, steps_per_epoch, run.step, cfg.seed, run.rank,
+                                 run.world_size, tcfg.num_workers, run.device)
+        run.model.train()
+        while run.step < total_steps:
             x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
             start = timer.mark()
-            adapter.zero_grad()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            run.adapter.zero_grad()
+            with run.autocast():
                 logits = train_model(x)
                 loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
-            adapter.backward(scaler.scale(loss))
+            run.adapter.backward(run.scaler.scale(loss))
             if tcfg.grad_clip is not None:
-                adapter.unscale(scaler)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                run.adapter.unscale(run.scaler)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip)
             before_step = timer.mark()
-            adapter.step(scaler)
-            scaler.update()
+            run.adapter.step(run.scaler)
+            run.scaler.update()
             timer.add(start, before_step, timer.mark())
-            step += 1
+            run.step += 1
             progress.update()
             # no .item() here: reading the loss back every step would stall the GPU queue
-            window.add(loss.detach(), (logits.detach().argmax(-1) == y).sum(), y.numel())
+            run.window.add(loss.detach(), (logits.detach().argmax(-1) == y).sum(), y.numel())
 
             row: dict[str, Any] = {}
-            if step % tcfg.log_every == 0 or step == total_steps:
-                row.update(window.reduce(distributed))
-                row.update(adapter.step_sizes())
+            if run.step % tcfg.log_every == 0 or run.step == total_steps:
+                row.update(run.window.reduce(run.distributed))
+                row.update(run.adapter.step_sizes())
                 step_ms, optimizer_ms = timer.read()
                 windows_ms.append((step_ms, optimizer_ms))
                 row.update({"time/step_ms": step_ms, "time/optimizer_ms": optimizer_ms,
-                            "memory/peak_mb": _peak_memory_mb(device)})
-            if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == total_steps):
-                row.update(evaluate())
+                            "memory/peak_mb": _peak_memory_mb(run.device)})
+            if tcfg.eval_every and (run.step % tcfg.eval_every == 0 or run.step == total_steps):
+                row.update(run.evaluate(data.test, data.batch_size))
             if row:
-                elapsed = elapsed_before + time.time() - started  # over all the jobs of this run
-                row = {"step": step, "epoch": step / steps_per_epoch, "time/elapsed_s": elapsed, **row}
+                row = {"step": run.step, "epoch": run.step / steps_per_epoch, "time/elapsed_s": run.elapsed(), **row}
                 last_row = {**last_row, **row}
-                if log is not None:
-                    log.log(row)
+                if run.log is not None:
+                    run.log.log(row)
                 progress.set_postfix(_postfix(last_row), refresh=False)
-                problem = _diverged(row, zero_step_size_planned=adapter.plans_zero_step_size())
+                problem = _diverged(row, zero_step_size_planned=run.adapter.plans_zero_step_size())
                 if problem:
-                    raise FloatingPointError(_divergence_message(*problem, step, cfg, checkpoint_path))
+                    raise FloatingPointError(_divergence_message(*problem, run))
 
             # Stop requests are acted on by every rank at the same step: under DDP they are
             # agreed on at logging steps only (one small all-reduce, no per-step sync).
-            if not distributed or step % tcfg.log_every == 0:
-                out_of_time = tcfg.max_time is not None and time.time() - started > tcfg.max_time
-                if _any_rank(bool(stops.received) or out_of_time, distributed) and step < total_steps:
-                    save_checkpoint(finished=False)
+            if not run.distributed or run.step % tcfg.log_every == 0:
+                out_of_time = tcfg.max_time is not None and time.time() - run.started > tcfg.max_time
+                if _any_rank(bool(stops.received) or out_of_time, run.distributed) and run.step < total_steps:
+                    run.save_checkpoint(finished=False)
                     # preempted: a signal (on any rank); stopped: out of this job's max_time
                     status = "preempted" if stops.received or not out_of_time else "stopped"
-                    if is_main:
+                    if run.is_main:
                         reason = stops.name or ("another rank's signal" if status == "preempted"
                                                 else f"max_time of {tcfg.max_time} s")
                         then = ("passing the signal on to the handler from before the run (submitit's)"
                                 if stops.hands_over else "run the same command again to continue")
-                        print(f"\n{reason}: checkpointed at step {step}; {then}", flush=True)
+                        print(f"\n{reason}: checkpointed at step {run.step}; {then}", flush=True)
                     break
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(finished=False)
+            if tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and run.step < total_steps:
+                run.save_checkpoint(finished=False)
         if status == "running":
             status = "finished"
 
         # -- finish ----------------------------------------------------------------------------------
         summary = {
             "status": status,
-            "step": step,
+            "step": run.step,
             **{k: last_row[k] for k in schema.QUALITY if k in last_row},
             **{k: last_row[k] for k in step_size_keys if k in last_row},
             "time/step_ms": schema.steady_median([ms for ms, _ in windows_ms]) if windows_ms else None,
             "time/optimizer_ms": schema.steady_median([ms for _, ms in windows_ms]) if windows_ms else None,
-            "memory/peak_mb": _peak_memory_mb(device),
-            "wall_s": elapsed_before + time.time() - started,
+            "memory/peak_mb": _peak_memory_mb(run.device),
+            "wall_s": run.elapsed(),
         }
         if status == "finished":  # the last checkpoint, with the stop signals still caught
-            save_checkpoint(finished=True, summary=summary)
+            run.save_checkpoint(finished=True, summary=summary)
     except BaseException:
         status = "failed"
         raise
     finally:
         progress.close()
-        adapter.close()
-        if log is not None:
-            log.close()
-        # meta.json says "finished" only once the final checkpoint is written, "preempted" (and
-        # the step) while a stopped job waits for its requeue
-        if is_main:
-            meta_path = os.path.join(run_dir, "meta.json")
-            record = {"status": status, "step": step}
-            if status == "finished":
-                record["summary"] = summary
-            if status == "preempted":
-                record["signal"] = stops.name
-            write_json({**_read_json(meta_path), **record}, meta_path)
+        run.adapter.close()
+        if run.log is not None:
+            run.log.close()
+        if run.is_main:
+            run.write_final_record(status, summary, stops.name)
         stops.restore()
 
-    if is_main and status == "finished":
+    if run.is_main and status == "finished":
         print(f"{run_dir}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.items() if k != "status"))
     if created_group:
         dist.destroy_process_group()
     if status == "preempted":
         stops.hand_over()  # submitit's handler requeues the job and exits
-    return TrainResult(summary, model, adapter)
+    return TrainResult(summary, run.model, run.adapter)
 
 
 # -- helpers (in the order the loop uses them) -------------------------------------------------------
@@ -552,12 +623,12 @@ def _non_finite_state(payload: dict[str, Any], step_sizes: dict[str, float]) -> 
     return None
 
 
-def _divergence_message(what: str, value: str, step: int, cfg: DictConfig, checkpoint_path: str) -> str:
+def _divergence_message(what: str, value: str, run: RunState) -> str:
     if not schema.is_step_size(what):
         cause = ("training diverged: the updates grew too large for this model. Lower the step size "
                  "(optimizer.alpha0 and optimizer.meta_lr for MetaOptimize, optimizer.lr otherwise), clip "
                  "gradients with trainer.grad_clip=1.0")
-        if cfg.trainer.precision == "fp16":
+        if run.cfg.trainer.precision == "fp16":
             cause += ", or train in trainer.precision=bf16 (fp16 overflows)"
     elif value == "0":
         cause = ("the learned step size underflowed to 0, so the weights no longer move. Lower optimizer.meta_lr, "
@@ -565,8 +636,8 @@ def _divergence_message(what: str, value: str, step: int, cfg: DictConfig, check
     else:
         cause = "the learned step size diverged. Lower optimizer.meta_lr, or start lower with optimizer.alpha0"
     kept = ("the last checkpoint, from before this (a diverged state is never checkpointed)"
-            if os.path.exists(checkpoint_path) else "no checkpoint (none was due yet)")
-    return (f"{what} is {value} at step {step}: {cause}. metrics.csv keeps every row up to here and the run "
+            if os.path.exists(run.checkpoint_path) else "no checkpoint (none was due yet)")
+    return (f"{what} is {value} at step {run.step}: {cause}. metrics.csv keeps every row up to here and the run "
             f"folder keeps {kept}; a changed override starts a fresh run folder.")
 
 
