@@ -26,7 +26,7 @@ run: $(STAMP)  ## the main job: a short real experiment on CPU or GPU, its plot 
 bench-digits: $(STAMP)  ## every optimizer config on the embedded digits data (CPU): results/digits_optimizers.md
 	OMP_NUM_THREADS=1 $(PY) scripts/bench_digits_optimizers.py
 
-continual: $(STAMP)  ## MetaOptimize vs tuned fixed steps vs IDBD on two non-stationary streams (CPU, ~1.5 h on 2 cores): results/continual/
+continual: $(STAMP)  ## MetaOptimize vs tuned fixed steps vs IDBD on two non-stationary streams (CPU, 3 seeds, ~15 min on 2 idle cores): results/continual/
 	OMP_NUM_THREADS=1 $(PY) -m experiments.continual
 
 BENCH_DEVICE ?= cpu
