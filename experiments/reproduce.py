@@ -16,11 +16,12 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-import experiments.train  # noqa: F401  (registers the path_join resolver of conf/hydra/default.yaml)
+from experiments.run_folder import register_resolvers
 from experiments.schema import run_key
 from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+register_resolvers()  # the configs composed here and by their users name run folders (conf/hydra/default.yaml)
 # The paper's items (and ours beyond it) are the files of conf/experiment/, in natural order (fig2 before fig10).
 ITEMS = tuple(sorted((path.stem for path in (CONF / "experiment").glob("*.yaml")),
                      key=lambda name: (name.rstrip("0123456789"), int("0" + name[len(name.rstrip("0123456789")):]))))

@@ -13,14 +13,12 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from experiments.run_folder import register_resolvers
 from experiments.trainer import train
 
-# conf/hydra/default.yaml joins the parts of a run folder's name, skipping empty ones
-# (no experiment, no overrides besides the seed).
-if not OmegaConf.has_resolver("path_join"):
-    OmegaConf.register_new_resolver("path_join", lambda *parts: "/".join(str(p) for p in parts if p not in (None, "")))
+register_resolvers()  # before hydra.main composes conf/hydra/default.yaml, which names the run folder
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -780,6 +780,7 @@ class MetaOptimize(Optimizer):
         """
         names, values = [], []
         seen: set[tuple] = set()
+        granularity = GRANULARITIES[self.blocks]
         for index, group in enumerate(self.param_groups):
             param_names = group.get("param_names") or [f"group{index}.param{j}" for j in range(len(group["params"]))]
             for p, param_name in zip(group["params"], param_names):
@@ -789,7 +790,6 @@ class MetaOptimize(Optimizer):
                     continue
                 seen.add(key)
                 alpha = self.step_size(p if isinstance(owner, int) else owner).float()
-                granularity = GRANULARITIES[self.blocks]
                 logged_as = granularity.logged_as.format(block=group.get("block", f"group{index}"), param=param_name)
                 if granularity.logs_range:
                     names += [f"{logged_as}/{stat}" for stat in ("min", "median", "max")]

@@ -26,11 +26,12 @@ import torch
 
 from hydra import compose, initialize_config_dir
 
-import experiments.train  # noqa: F401  (the path_join resolver of conf/hydra/default.yaml)
 from experiments import checkpoint
+from experiments.run_folder import register_resolvers
 from tests.trainer_helpers import CONF, computed_columns, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
+register_resolvers()  # the launcher configs composed below name run folders (conf/hydra/default.yaml)
 
 # A CPU cluster: no GPU (asking for one where there is no gres is an error), one core per task.
 CPU_TASK = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
