@@ -193,6 +193,14 @@ def test_the_mini_stand_in_declares_six_blocks():
     assert [g["block"] for g in groups] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     assert sum(p.numel() for g in groups for _, p in g["params"]) == sum(p.numel() for p in model.parameters())
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    # normalised like ResNet-18's blocks: the output ignores the scale of a hidden layer (weight decay shrinks it)
+    images = torch.randn(4, 1, 28, 28)
+    before = model(images)
+    with torch.no_grad():
+        for layer in (model.stem, model.layer2):
+            layer.weight.mul_(10.0)
+            layer.bias.mul_(10.0)
+    torch.testing.assert_close(model(images), before, rtol=1e-5, atol=1e-5)
     assert [g["block"] for g in param_groups_by_prefix(resnet_mini(), "model")] == list(RESNET18_BLOCKS)
     with pytest.raises(ValueError, match="declares no named_blocks"):
         param_groups_by_prefix(torch.nn.Linear(2, 2), "model")
