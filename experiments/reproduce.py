@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.run_folder import register_resolvers
-from experiments.schema import run_key
-from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
+from experiments.schema import DEFAULT_SELECT, run_key
+from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import choose_later, expand_grids, setting_of, tuning_phases
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_resolvers()  # the configs composed here and by their users name run folders (conf/hydra/default.yaml)
@@ -55,15 +56,25 @@ def compose_experiment(item: str, scale: str, overrides: list[str] | tuple[str, 
                        return_hydra_config=True)
 
 
-def expected_runs(cfg: DictConfig) -> list[Run]:
-    """Every run of the experiment's sweep, in launch order, each with its arm."""
+def expected_runs(cfg: DictConfig, tuning_score: Callable[[Run], float | None] | None = None) -> list[Run]:
+    """Every run of the experiment's sweep, in launch order, each with its arm.
+
+    A sweep tuned on one seed (hydra.sweeper.tune_seed) runs a tuned grid's other seeds only for
+    the setting that was best on that seed. tuning_score(run) scores a tuning run from its rows
+    (experiments.schema.score under select(cfg)), or is None while it has none; the later runs of a
+    grid not fully scored, or of every grid without tuning_score, are not expected yet.
+    """
     sweeper = cfg.hydra.sweeper
     grids = OmegaConf.to_container(sweeper.grids, resolve=True)
     params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.params else {}
     expanded = expand_grids(grids, params)
     tuned = set(cfg.figure.tuned)
+    first, later = tuning_phases(expanded, tuned, tune_seed(cfg))
+    if later and tuning_score is not None:
+        tuning_runs = {(grid, setting_of(overrides)): Run(grid, tuple(overrides), grid) for grid, overrides in first}
+        first += choose_later(later, lambda grid, setting: tuning_score(tuning_runs[(grid, setting)]))
     runs = [Run(grid, tuple(overrides), grid if grid in tuned else arm_names(grid, overrides, expanded))
-            for grid, overrides in expanded]
+            for grid, overrides in first]
     # An arm name that an earlier grid already gave (the same optimizer in another variant) is
     # qualified by its grid: "metaopt_adamw_adam (standard)".
     first_grid = {}
@@ -71,6 +82,17 @@ def expected_runs(cfg: DictConfig) -> list[Run]:
         first_grid.setdefault(run.arm, run.grid)
     return [run if first_grid[run.arm] == run.grid else Run(run.grid, run.overrides, f"{run.arm} ({run.grid})")
             for run in runs]
+
+
+def select(cfg: DictConfig) -> dict[str, str]:
+    """The rule that picks a tuned grid's best setting: {metric, mode}."""
+    return dict(cfg.figure.get("select") or DEFAULT_SELECT)
+
+
+def tune_seed(cfg: DictConfig) -> str | None:
+    """The seed a tuned grid is tuned on (hydra.sweeper.tune_seed), or None: on every seed."""
+    seed = cfg.hydra.sweeper.get("tune_seed")
+    return None if seed is None else str(seed)
 
 
 def arm_names(grid: str, overrides: list[str], expanded: list[tuple[str, list[str]]]) -> str:

@@ -6,8 +6,10 @@
 Reads the runs the experiment's sweep expects (experiments/reproduce.py) from their folders
 under run_root/<run_group>/ and writes every metrics.csv row with the run's identity: its grid,
 arm, seed, every swept key, its status (meta.json) and the sweep's scale (the columns of
-experiments/schema.py). A run the sweep expects but that has no folder yet is reported;
-scripts/make_figures.py refuses to plot without it.
+experiments/schema.py). In a sweep tuned on one seed (hydra.sweeper.tune_seed), a tuned grid's
+other seeds are those of its best setting on that seed, chosen from the folders as the sweeper
+chose. A run the sweep expects but that has no folder yet is reported; scripts/make_figures.py
+refuses to plot without it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.reproduce import ITEMS, SCALES, compose_experiment, expected_runs, run_dir_key
-from experiments.schema import runs_columns, swept_keys
+from experiments.reproduce import ITEMS, SCALES, Run, compose_experiment, expected_runs, run_dir_key, select
+from experiments.run_folder import read_run
+from experiments.schema import runs_columns, score, swept_keys
 
 
 def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, list[str]]:
@@ -28,30 +31,38 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
     overrides: as given to the sweep (e.g. run_root=...), so that the same runs are found.
     """
     cfg = compose_experiment(item, scale, overrides)
-    runs = expected_runs(cfg)
     group_dir = Path(cfg.run_root) / cfg.run_group
-    swept = swept_keys(run.values for run in runs)
+    # the keys the sweep varies: the later runs of a sweep tuned on one seed vary none of their own
+    swept = swept_keys(run.values for run in expected_runs(cfg))
     found = {}  # (run key, seed) -> run folder
     for overrides_file in sorted(group_dir.glob("**/.hydra/overrides.yaml")):
         folder = overrides_file.parent.parent
         seed = json.loads((folder / "meta.json").read_text())["seed"] if (folder / "meta.json").exists() else None
         found[(run_dir_key(overrides_file, set(swept)), str(seed))] = folder
 
+    def run_rows(run: Run) -> list[dict[str, str]]:
+        folder = found.get((run.key, run.values.get("seed", "0")))
+        return read_run(folder) if folder is not None else []
+
+    rule = select(cfg)
+
+    def tuning_score(run: Run) -> float | None:  # the best setting on the tuning seed picks the later runs
+        rows = run_rows(run)
+        return score([rows], rule["metric"], rule["mode"]) if rows else None
+
     rows, missing, metric_columns = [], [], []
-    for run in runs:
+    for run in expected_runs(cfg, tuning_score):
         seed = run.values.get("seed", "0")
         folder = found.get((run.key, seed))
-        if folder is None or not (folder / "metrics.csv").exists():
+        logged = run_rows(run)
+        if not logged:
             missing.append(f"{run.key} seed={seed}")
             continue
-        status = json.loads((folder / "meta.json").read_text()).get("status", "unknown")
         identity = {"item": item, "scale": scale, "grid": run.grid, "arm": run.arm,
-                    "run": str(folder.relative_to(group_dir)), "seed": seed, "status": status,
-                    **{k: run.values.get(k, "") for k in swept}}
-        with open(folder / "metrics.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                metric_columns += [k for k in row if k not in metric_columns]
-                rows.append({**identity, **row})
+                    "run": str(folder.relative_to(group_dir)), "seed": seed, **{k: run.values.get(k, "") for k in swept}}
+        for row in logged:
+            metric_columns += [k for k in row if k not in metric_columns and k != "status"]
+            rows.append({**identity, **row})
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "runs.csv", "w", newline="") as f:

@@ -7,7 +7,8 @@ For each item it checks runs.csv against the experiment's sweep (conf/experiment
 the scale recorded in the CSV) and stops, naming them, if a run is missing or unfinished. Then:
 - a tuned grid (figure.tuned: fixed step sizes, cosine peaks, DoG's initial movement, gdtuo's
   and mechanic's variants) becomes one curve, its setting with the best mean final
-  figure.select.metric over seeds; a run that diverged ranks last;
+  figure.select.metric over seeds, or, in a sweep tuned on one seed (hydra.sweeper.tune_seed),
+  the best on that seed (the one that ran the other seeds); a run that diverged ranks last;
 - results/<item>/<item>.png: the curves (mean over seeds, band of +-1 std when n > 1) of each
   figure.metrics row for each figure.panels column, or, for kind step_sizes, every step size the
   runs logged (one per block for the blockwise runs);
@@ -30,9 +31,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.reproduce import ITEMS, compose_experiment, expected_runs  # noqa: E402
-from experiments.schema import (DEFAULT_SELECT, QUALITY, STEP_SIZE, final, is_step_size, run_key,  # noqa: E402
-                                score, steady_median, swept_keys)
+from experiments.reproduce import ITEMS, compose_experiment, expected_runs, select, tune_seed  # noqa: E402
+from experiments.schema import (QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
+                                swept_keys)
 
 SUMMARY_METRICS = (*QUALITY, STEP_SIZE)
 
@@ -57,11 +58,17 @@ def group_runs(item: str, rows: list[dict[str, str]]):
         raise ValueError(f"results/{item}/runs.csv mixes scales {sorted(scales)}: collect one scale per item")
     scale = scales.pop()
     cfg = compose_experiment(item, scale)
-    expected = expected_runs(cfg)
-    swept = swept_keys(run.values for run in expected)
+    swept = swept_keys(run.values for run in expected_runs(cfg))
     by_run = defaultdict(list)
     for row in rows:  # a row's run key, as Run.key, from its columns of the swept keys
         by_run[(run_key({k: row.get(k, "") for k in swept}), row["seed"])].append(row)
+    rule = select(cfg)
+
+    def tuning_score(run) -> float | None:  # the sweeper's score of a tuning run, from its rows here
+        run_rows = by_run.get((run.key, run.values.get("seed", "0")))
+        return score([run_rows], rule["metric"], rule["mode"]) if run_rows else None
+
+    expected = expected_runs(cfg, tuning_score)
     runs, problems = [], []
     for run in expected:
         seed = run.values.get("seed", "0")
@@ -84,11 +91,15 @@ def curves(cfg, runs):
     settings = defaultdict(list)  # (arm, key) -> rows of each seed
     for run, rows in runs:
         settings[(run.arm, run.key)].append(rows)
-    select = cfg.figure.get("select") or DEFAULT_SELECT
+    rule, seed = select(cfg), tune_seed(cfg)
+
+    def ranking(seeds: list) -> float:  # on the tuning seed alone, if the sweep tuned on one
+        return score([rows for rows in seeds if seed is None or rows[0]["seed"] == seed], rule["metric"], rule["mode"])
+
     chosen, summary = {}, []
     for arm in dict.fromkeys(arm for arm, _ in settings):
         candidates = {key: seeds for (a, key), seeds in settings.items() if a == arm}
-        ranked = sorted(candidates, key=lambda key: score(candidates[key], select["metric"], select["mode"]))
+        ranked = sorted(candidates, key=lambda key: ranking(candidates[key]))
         best = ranked[0]
         tuned = len(candidates) > 1
         name = arm.replace("optimizer.", "")

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from experiments.reproduce import CONF, ITEMS, SCALES, compose_experiment, expected_runs
+from experiments.reproduce import CONF, ITEMS, SCALES, Run, compose_experiment, expected_runs
 from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
 from metaopt.blocks import RESNET18_BLOCKS, param_groups_by_prefix
 from experiments.models import SixBlockMLP
@@ -30,14 +30,15 @@ import make_figures  # noqa: E402
 
 # The runs each sweep holds, from the paper's protocol (Appendix C) and the scale profiles:
 #   full: 3 seeds; fixed steps over 5 values, cosine peaks over 3, DoG over 4 initial movements
-#   mini: 2 seeds; the image tasks' grids as the paper's but DoG over 2; on text fixed steps over 3
+#   mini: 2 seeds; the image tasks' grids as the paper's but DoG over 2; on text fixed steps over 3;
+#         a tuned grid runs every setting on seed 0, then its best setting on seed 1 (one run more)
 #   smoke: 1 seed, the full grids
 # Fig. 1: 8 MetaOptimize arms in the released variant, its 6 Adam-meta arms in the standard one, 4 tuned bases
-FIG1 = {"full": (8 + 6 + 4 * 5) * 3, "mini": (8 + 6 + 4 * 5) * 2, "smoke": 8 + 6 + 4 * 5}
+FIG1 = {"full": (8 + 6 + 4 * 5) * 3, "mini": (8 + 6) * 2 + 4 * 5 + 4, "smoke": 8 + 6 + 4 * 5}
 FIG4 = {"full": (3 + 2 * 5 + 3 + 4 + 1 + 3 + 3) * 3,  # MetaOptimize, AdamW/Lion, cosine, DoG, Prodigy, gdtuo, mechanic
-        "mini": (3 + 2 * 5 + 3 + 2 + 1 + 3 + 3) * 2, "smoke": 3 + 2 * 5 + 3 + 4 + 1 + 3 + 3}
+        "mini": (3 + 1) * 2 + (2 * 5 + 3 + 2 + 3 + 3) + 6, "smoke": 3 + 2 * 5 + 3 + 4 + 1 + 3 + 3}
 FIG5 = {"full": (2 + 2 * 5 + 3 + 4 + 1 + 3) * 3,  # as Fig. 4 without gdtuo (tied embeddings)
-        "mini": (2 + 2 * 3 + 3 + 2 + 1 + 3) * 2, "smoke": 2 + 2 * 5 + 3 + 4 + 1 + 3}
+        "mini": (2 + 1) * 2 + (2 * 3 + 3 + 2 + 3) + 5, "smoke": 2 + 2 * 5 + 3 + 4 + 1 + 3}
 # sensitivity: (AdamW, Adam) in two variants and (Lion, Lion) over 7 eta and 5 alpha0 (the paper's
 # setting shared), and the AdamW and Lion fixed-step grids; one seed at mini and smoke
 SENSITIVITY = 3 * (7 + 5 - 1) + 2 * 5
@@ -74,8 +75,13 @@ def test_every_paper_item_has_an_experiment_with_its_command():
 @pytest.mark.parametrize("scale", SCALES)
 def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
     cfg = experiments[(item, scale)]
-    runs = expected_runs(cfg)
+    runs = expected_runs(cfg, tuning_score=lambda run: 0.0)  # every tuning run scored: the first setting wins
     assert len(runs) == EXPECTED_RUNS[item][scale]
+    tuning_first = expected_runs(cfg)  # before any tuning run has finished: the later runs wait
+    tuned_later = [run for run in runs if run not in tuning_first]
+    assert all(run.grid in cfg.figure.tuned and run.values["seed"] != "0" for run in tuned_later)
+    assert len(tuned_later) == (len(cfg.figure.tuned) if scale == "mini" and item not in ("sensitivity", "table1")
+                                else 0)
     assert cfg.hydra.mode.name == "MULTIRUN"
     # distinct runs land in distinct folders: the folder is named by the overrides and the seed
     assert len({(run.key, run.values["seed"]) for run in runs}) == len(runs)
@@ -291,6 +297,51 @@ def test_tuned_grid_picks_the_best_setting_and_ranks_a_diverged_run_last():
     assert make_figures.score([rows(0.8)], "train/loss", "max") == -0.8
 
 
+def test_a_sweep_tuned_on_one_seed_runs_the_best_setting_on_the_others(tmp_path):
+    """Fig. 1's AdamW grid at smoke size on two seeds: every step size on seed 0, then the best there
+    on seed 1; the collected runs and the figure hold that choice."""
+    run_root = f"run_root={tmp_path / 'runs'}"
+    others = [f"hydra.sweeper.grids.{grid}=null" for grid in ("metaopt", "standard", "lion", "rmsprop", "sgdm")]
+    sweep = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "experiment=fig1", "scale=smoke", 'tuning.seed="0,1"',
+         run_root, *others],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    final_loss = {}  # (step size, seed) -> final train loss, read from the run folders
+    for metrics in (tmp_path / "runs").glob("fig1/**/metrics.csv"):
+        with open(metrics) as f:
+            last = list(csv.DictReader(f))[-1]
+        lr = metrics.parent.parent.name.split("optimizer.alpha0=")[1].split(",")[0]
+        final_loss[(lr, metrics.parent.name)] = float(last["train/loss"])
+    tuning = {lr: loss for (lr, seed), loss in final_loss.items() if seed == "seed=0"}
+    assert len(tuning) == 5
+    best = min(tuning, key=tuning.__getitem__)
+    assert [lr for lr, seed in final_loss if seed == "seed=1"] == [best]
+
+    # tuning.seed quoted: one value, the seeds the sweeper's params cross (unquoted, Hydra would sweep it)
+    count, missing = collect_runs.collect("fig1", "smoke", tmp_path / "results" / "fig1",
+                                          [run_root, 'tuning.seed="0,1"', *others])
+    assert missing == [] and count > 0
+    with open(tmp_path / "results" / "fig1" / "runs.csv") as f:
+        assert len({(row["run"], row["seed"]) for row in csv.DictReader(f)}) == 6
+
+
+def test_a_figure_tuned_on_one_seed_picks_the_setting_that_ran_the_other_seeds(experiments):
+    """At mini scale a tuned grid is ranked on seed 0 alone: the mean over seeds would favour a
+    setting that ran one seed only."""
+    cfg = experiments[("fig1", "mini")]
+    base = ["optimizer=fixed_step", "optimizer.base=adamw", "optimizer.variant=released"]
+
+    def run(lr, seed, loss):
+        overrides = (*base, f"optimizer.alpha0={lr}", f"seed={seed}")
+        return Run("adamw", overrides, "adamw"), [{"step": "4", "train/loss": str(loss),
+                                                                "seed": str(seed), "status": "finished"}]
+
+    chosen, summary = make_figures.curves(cfg, [run("1e-3", 0, 0.1), run("1e-3", 1, 0.9), run("1e-2", 0, 0.2)])
+    assert chosen["adamw"][0] == "adamw (alpha0=1e-3, tuned)" and len(chosen["adamw"][1]) == 2
+    assert [row["selected"] for row in summary] == ["yes", "no"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # 28 runs, each a fresh process: about 2 minutes on 2 idle cores, far more on busy ones
 def test_fig1_smoke_sweep_through_submitit_local(tmp_path):
@@ -302,6 +353,7 @@ def test_fig1_smoke_sweep_through_submitit_local(tmp_path):
          "hydra/launcher=local", run_root],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    # tuning.seed quoted: one value, the seeds the sweeper's params cross (unquoted, Hydra would sweep it)
     count, missing = collect_runs.collect("fig1", "smoke", tmp_path / "results" / "fig1", [run_root])
     assert missing == [] and count > 0
     png = make_figures.build("fig1", tmp_path / "results")

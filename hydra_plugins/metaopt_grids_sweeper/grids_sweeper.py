@@ -16,19 +16,28 @@ a ``null`` grid is dropped (a scale profile removes a grid that way). Runs that 
 share are launched once. A run that diverges (the trainer's ``FloatingPointError``) is
 expected in a step-size grid: it is reported at the end and the sweep goes on; any other
 failure stops the sweep.
+
+Tuning on one seed (``tune_seed: 0``, the mini and smoke profiles): a tuned grid (``tuned``, the
+figure's ``figure.tuned``) first runs every setting on the tuning seed only, with the untuned
+grids; then its best setting there (``select``, the figure's rule: the lowest final train loss by
+default; the trainer's run folders hold it) runs the other seeds. With ``tune_seed: null`` every
+setting runs on every seed.
 """
 
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
+
+from experiments.run_folder import read_run
+from experiments.schema import DEFAULT_SELECT, score
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,9 @@ class GridsSweeperConf:
     max_batch_size: Optional[int] = None  # runs launched together (submitit_local starts a batch at once)
     params: Dict[str, str] = field(default_factory=dict)  # crossed with every grid
     grids: Dict[str, Any] = field(default_factory=dict)  # name -> {override key: value or comma list}
+    tune_seed: Optional[str] = None  # tune the tuned grids on this seed only, then run their best setting on the others
+    tuned: Any = "${oc.select:figure.tuned,[]}"  # the grids whose best setting is a figure's curve
+    select: Any = "${oc.select:figure.select,null}"  # that setting's rule (default: experiments.schema.DEFAULT_SELECT)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf, provider="metaopt")
@@ -70,11 +82,57 @@ def expand_grids(grids: Mapping[str, Any], params: Mapping[str, str], arguments:
     return runs
 
 
+Setting = Tuple[str, ...]  # a run's overrides without its seed, sorted
+
+
+def setting_of(overrides: Sequence[str]) -> Setting:
+    return tuple(sorted(o for o in overrides if o.split("=", 1)[0] != "seed"))
+
+
+def tuning_phases(runs: Sequence[Tuple[str, List[str]]], tuned: Sequence[str], tune_seed: Optional[str]
+                  ) -> Tuple[List[Tuple[str, List[str]]], Dict[str, Dict[Setting, List[Tuple[str, List[str]]]]]]:
+    """A sweep tuned on one seed, in two phases: (first, later).
+
+    first: the runs of every untuned grid, and each tuned grid's runs on tune_seed, in sweep order;
+    later: {tuned grid: {setting: its runs on the other seeds}}, of which only the best setting
+    (choose_later) runs. With tune_seed None, every run is first.
+    """
+    if tune_seed is None:
+        return list(runs), {}
+    first, later = [], {}
+    for grid, overrides in runs:
+        seed = dict(o.split("=", 1) for o in overrides).get("seed", "0")
+        if grid in tuned and seed != str(tune_seed):
+            later.setdefault(grid, {}).setdefault(setting_of(overrides), []).append((grid, overrides))
+        else:
+            first.append((grid, overrides))
+    return first, later
+
+
+def choose_later(later: Mapping[str, Mapping[Setting, List[Tuple[str, List[str]]]]],
+                 tuning_score: Callable[[str, Setting], Optional[float]]) -> List[Tuple[str, List[str]]]:
+    """The later runs of each tuned grid's best setting: the lowest tuning_score(grid, setting)
+    (the tuning seed's run, scored by experiments.schema.score), the first in sweep order on a tie.
+    A grid with a setting not scored yet (its tuning run has not finished) runs nothing later."""
+    chosen = []
+    for grid, settings in later.items():
+        scores = {setting: tuning_score(grid, setting) for setting in settings}
+        if any(value is None for value in scores.values()):
+            continue
+        chosen += settings[min(scores, key=scores.__getitem__)]
+    return chosen
+
+
 class GridsSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
-                 grids: Optional[Dict[str, Any]] = None):
+                 grids: Optional[Dict[str, Any]] = None, tune_seed: Optional[str] = None,
+                 tuned: Optional[Sequence[str]] = None, select: Optional[Mapping[str, str]] = None):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = {} if grids is None else grids
+        self.tune_seed = None if tune_seed is None else str(tune_seed)
+        self.tuned = list(tuned or [])
+        self.select = dict(select or DEFAULT_SELECT)
+        self.job_idx = 0  # across both phases, so that no two runs share a launcher job number
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
@@ -83,31 +141,51 @@ class GridsSweeper(BasicSweeper):
         # the grids may interpolate the experiment's keys (${tuning.lr}): resolve them in place
         grids = OmegaConf.to_container(self.grids, resolve=True) if isinstance(self.grids, DictConfig) else self.grids
         params = OmegaConf.to_container(self.params, resolve=True) if isinstance(self.params, DictConfig) else self.params
-        runs = [overrides for _, overrides in
-                expand_grids(grids, params, arguments, self.hydra_context.config_loader)]
-        self.overrides = list(self.split_overrides_to_chunks(runs, self.max_batch_size))
-        log.info(f"{len(runs)} runs in {len(self.overrides)} batches")
+        runs = expand_grids(grids, params, arguments, self.hydra_context.config_loader)
+        first, later = tuning_phases(runs, self.tuned, self.tune_seed)
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
+        log.info(f"{len(first)} runs" + (f", then the best setting of {len(later)} grids tuned on seed "
+                                         f"{self.tune_seed} on the other seeds" if later else ""))
+        returns, diverged = self._launch([overrides for _, overrides in first])
+        if later:
+            folders = {}  # (grid, setting) -> the tuning run's folder
+            for (grid, overrides), result in zip(first, (r for batch in returns for r in batch)):
+                folders[(grid, setting_of(overrides))] = Path(result.hydra_cfg.hydra.runtime.output_dir)
+            metric, mode = self.select["metric"], self.select["mode"]
+            chosen = choose_later(later, lambda grid, setting: score([read_run(folders[(grid, setting)])],
+                                                                     metric, mode))
+            log.info(f"tuned on seed {self.tune_seed}: the best settings' {len(chosen)} runs on the other seeds")
+            if chosen:
+                more, more_diverged = self._launch([overrides for _, overrides in chosen])
+                returns += more
+                diverged += more_diverged
+        if diverged:
+            log.warning(f"{len(diverged)} runs diverged (kept, with their rows up to the divergence):\n  "
+                        + "\n  ".join(diverged))
+        return returns
+
+    def _launch(self, runs: List[List[str]]) -> Tuple[List[Any], List[str]]:
+        """Launch runs in batches of max_batch_size; returns (each batch's results, diverged runs)."""
+        assert self.launcher is not None
+        self.overrides = list(self.split_overrides_to_chunks(runs, self.max_batch_size))
+        self.batch_index = 0
+        log.info(f"{len(runs)} runs in {len(self.overrides)} batches")
         returns, diverged = [], []
-        initial_job_idx = 0
         while not self.is_done():
             batch = self.get_job_batch()
             tic = time.perf_counter()
             self.validate_batch_is_legal(batch)
-            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            results = self.launcher.launch(batch, initial_job_idx=self.job_idx)
             for result in results:
                 if result.status == JobStatus.FAILED and isinstance(result._return_value, FloatingPointError):
                     diverged.append(" ".join(result.overrides))
                 else:
                     _ = result.return_value  # raises the run's own error
             log.info(f"batch of {len(batch)} done in {time.perf_counter() - tic:.0f} s")
-            initial_job_idx += len(batch)
+            self.job_idx += len(batch)
             returns.append(results)
-        if diverged:
-            log.warning(f"{len(diverged)} runs diverged (kept, with their rows up to the divergence):\n  "
-                        + "\n  ".join(diverged))
-        return returns
+        return returns, diverged
