@@ -71,8 +71,8 @@ def expected_runs(cfg: DictConfig, tuning_score: Callable[[Run], float | None] |
     tuned = set(cfg.figure.tuned)
     first, later = tuning_phases(expanded, tuned, tune_seed(cfg))
     if later and tuning_score is not None:
-        tuning_runs = {(grid, setting_of(overrides)): Run(grid, tuple(overrides), grid) for grid, overrides in first}
-        first += choose_later(later, lambda grid, setting: tuning_score(tuning_runs[(grid, setting)]))
+        tuning_runs = {setting_of(overrides): Run(grid, tuple(overrides), grid) for grid, overrides in first}
+        first += choose_later(later, lambda setting: tuning_score(tuning_runs[setting]))
     runs = [Run(grid, tuple(overrides), grid if grid in tuned else arm_names(grid, overrides, expanded))
             for grid, overrides in first]
     # An arm name that an earlier grid already gave (the same optimizer in another variant) is

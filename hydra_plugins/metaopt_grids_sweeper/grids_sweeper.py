@@ -110,13 +110,13 @@ def tuning_phases(runs: Sequence[Tuple[str, List[str]]], tuned: Sequence[str], t
 
 
 def choose_later(later: Mapping[str, Mapping[Setting, List[Tuple[str, List[str]]]]],
-                 tuning_score: Callable[[str, Setting], Optional[float]]) -> List[Tuple[str, List[str]]]:
-    """The later runs of each tuned grid's best setting: the lowest tuning_score(grid, setting)
+                 tuning_score: Callable[[Setting], Optional[float]]) -> List[Tuple[str, List[str]]]:
+    """The later runs of each tuned grid's best setting: the lowest tuning_score(setting)
     (the tuning seed's run, scored by experiments.schema.score), the first in sweep order on a tie.
     A grid with a setting not scored yet (its tuning run has not finished) runs nothing later."""
     chosen = []
-    for grid, settings in later.items():
-        scores = {setting: tuning_score(grid, setting) for setting in settings}
+    for settings in later.values():
+        scores = {setting: tuning_score(setting) for setting in settings}
         if any(value is None for value in scores.values()):
             continue
         chosen += settings[min(scores, key=scores.__getitem__)]
@@ -152,12 +152,11 @@ class GridsSweeper(BasicSweeper):
                                          f"{self.tune_seed} on the other seeds" if later else ""))
         returns, diverged = self._launch([overrides for _, overrides in first])
         if later:
-            folders = {}  # (grid, setting) -> the tuning run's folder
-            for (grid, overrides), result in zip(first, (r for batch in returns for r in batch)):
-                folders[(grid, setting_of(overrides))] = Path(result.hydra_cfg.hydra.runtime.output_dir)
+            folders = {}  # setting -> the tuning run's folder (a run two grids share was launched once)
+            for (_, overrides), result in zip(first, (r for batch in returns for r in batch)):
+                folders[setting_of(overrides)] = Path(result.hydra_cfg.hydra.runtime.output_dir)
             metric, mode = self.select["metric"], self.select["mode"]
-            chosen = choose_later(later, lambda grid, setting: score([read_run(folders[(grid, setting)])],
-                                                                     metric, mode))
+            chosen = choose_later(later, lambda setting: score([read_run(folders[setting])], metric, mode))
             log.info(f"tuned on seed {self.tune_seed}: the best settings' {len(chosen)} runs on the other seeds")
             if chosen:
                 more, more_diverged = self._launch([overrides for _, overrides in chosen])
