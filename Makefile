@@ -73,7 +73,7 @@ $(FIGURES): $(STAMP) $(DATA_$(SCALE))  ## a paper item: its sweep, results/<item
 figures: $(STAMP)  ## redraw every figure and table from the committed results/<item>/runs.csv (no runs, no GPU)
 	$(PY) scripts/make_figures.py
 
-mini:  ## every figure at SCALE=mini on this machine's CPUs (about 30 minutes each, two runs at a time)
+mini:  ## every figure at SCALE=mini on this machine's CPUs (up to about 45 minutes each, two runs at a time)
 	$(MAKE) $(MINI_FIGURES) SCALE=mini
 
 data/fashion_mnist/FashionMNIST/raw/train-images-idx3-ubyte:
