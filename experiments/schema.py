@@ -67,7 +67,16 @@ def score(run_rows: list[list[dict[str, str]]], metric: str, mode: str) -> float
     """The selection rule: mean final metric over seeds, oriented so that lower is better; a
     diverged seed ranks last."""
     values = [final(rows, metric) for rows in run_rows]
-    if any(not math.isfinite(v) for v in values) or any(rows[0]["status"] != "finished" for rows in run_rows):
+    if not values or any(not math.isfinite(v) for v in values) or any(rows[0]["status"] != "finished"
+                                                                      for rows in run_rows):
         return math.inf
     mean = statistics.fmean(values)
     return mean if mode == "min" else -mean
+
+
+def tuning_score(rows: list[dict[str, str]], metric: str, mode: str) -> float | None:
+    """A tuning run's score (``score`` of its one seed), or None while it is not over: no rows yet,
+    or stopped before the end (preempted, out of time), so that no choice is made without it."""
+    if not rows or rows[0]["status"] not in ("finished", "failed"):
+        return None
+    return score([rows], metric, mode)

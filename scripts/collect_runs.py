@@ -22,7 +22,7 @@ from pathlib import Path
 
 from experiments.reproduce import ITEMS, SCALES, Run, compose_experiment, expected_runs, run_dir_key, select
 from experiments.run_folder import read_run
-from experiments.schema import runs_columns, score, swept_keys
+from experiments.schema import runs_columns, swept_keys, tuning_score
 
 
 def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, list[str]]:
@@ -44,14 +44,9 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
         folder = found.get((run.key, run.values.get("seed", "0")))
         return read_run(folder) if folder is not None else []
 
-    rule = select(cfg)
-
-    def tuning_score(run: Run) -> float | None:  # the best setting on the tuning seed picks the later runs
-        rows = run_rows(run)
-        return score([rows], rule["metric"], rule["mode"]) if rows else None
-
+    rule = select(cfg)  # the best setting on the tuning seed picks the later runs
     rows, missing, metric_columns = [], [], []
-    for run in expected_runs(cfg, tuning_score):
+    for run in expected_runs(cfg, lambda run: tuning_score(run_rows(run), rule["metric"], rule["mode"])):
         seed = run.values.get("seed", "0")
         folder = found.get((run.key, seed))
         logged = run_rows(run)

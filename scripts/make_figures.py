@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.reproduce import ITEMS, compose_experiment, expected_runs, select, tune_seed  # noqa: E402
 from experiments.schema import (QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
-                                swept_keys)
+                                swept_keys, tuning_score)
 
 SUMMARY_METRICS = (*QUALITY, STEP_SIZE)
 
@@ -64,11 +64,8 @@ def group_runs(item: str, rows: list[dict[str, str]]):
         by_run[(run_key({k: row.get(k, "") for k in swept}), row["seed"])].append(row)
     rule = select(cfg)
 
-    def tuning_score(run) -> float | None:  # the sweeper's score of a tuning run, from its rows here
-        run_rows = by_run.get((run.key, run.values.get("seed", "0")))
-        return score([run_rows], rule["metric"], rule["mode"]) if run_rows else None
-
-    expected = expected_runs(cfg, tuning_score)
+    expected = expected_runs(cfg, lambda run: tuning_score(by_run.get((run.key, run.values.get("seed", "0")), []),
+                                                           rule["metric"], rule["mode"]))  # as the sweeper scored it
     runs, problems = [], []
     for run in expected:
         seed = run.values.get("seed", "0")
@@ -99,7 +96,7 @@ def curves(cfg, runs):
     chosen, summary = {}, []
     for arm in dict.fromkeys(arm for arm, _ in settings):
         candidates = {key: seeds for (a, key), seeds in settings.items() if a == arm}
-        ranked = sorted(candidates, key=lambda key: ranking(candidates[key]))
+        ranked = sorted(candidates, key=lambda key: ranking(candidates[key])) if len(candidates) > 1 else list(candidates)
         best = ranked[0]
         tuned = len(candidates) > 1
         name = arm.replace("optimizer.", "")

@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from experiments.reproduce import CONF, ITEMS, SCALES, Run, compose_experiment, expected_runs
-from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import expand_grids
+from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import choose_later, expand_grids, tuning_phases
 from metaopt.blocks import RESNET18_BLOCKS, param_groups_by_prefix
 from experiments.models import SixBlockMLP
 from experiments.models.resnet import resnet_mini
@@ -299,7 +299,7 @@ def test_tuned_grid_picks_the_best_setting_and_ranks_a_diverged_run_last():
 
 def test_a_sweep_tuned_on_one_seed_runs_the_best_setting_on_the_others(tmp_path):
     """Fig. 1's AdamW grid at smoke size on two seeds: every step size on seed 0, then the best there
-    on seed 1; the collected runs and the figure hold that choice."""
+    on seed 1; the collected runs hold that choice."""
     run_root = f"run_root={tmp_path / 'runs'}"
     others = [f"hydra.sweeper.grids.{grid}=null" for grid in ("metaopt", "standard", "lion", "rmsprop", "sgdm")]
     sweep = subprocess.run(
@@ -315,7 +315,7 @@ def test_a_sweep_tuned_on_one_seed_runs_the_best_setting_on_the_others(tmp_path)
         final_loss[(lr, metrics.parent.name)] = float(last["train/loss"])
     tuning = {lr: loss for (lr, seed), loss in final_loss.items() if seed == "seed=0"}
     assert len(tuning) == 5
-    best = min(tuning, key=tuning.__getitem__)
+    best = min(tuning, key=lambda lr: tuning[lr] if math.isfinite(tuning[lr]) else math.inf)  # diverged: last
     assert [lr for lr, seed in final_loss if seed == "seed=1"] == [best]
 
     # tuning.seed quoted: one value, the seeds the sweeper's params cross (unquoted, Hydra would sweep it)
@@ -324,6 +324,27 @@ def test_a_sweep_tuned_on_one_seed_runs_the_best_setting_on_the_others(tmp_path)
     assert missing == [] and count > 0
     with open(tmp_path / "results" / "fig1" / "runs.csv") as f:
         assert len({(row["run"], row["seed"]) for row in csv.DictReader(f)}) == 6
+
+
+def test_tuning_waits_for_every_tuning_run_and_needs_the_tuning_seed():
+    runs = [("lr", ["lr=1", "seed=0"]), ("lr", ["lr=1", "seed=1"]), ("lr", ["lr=2", "seed=0"]),
+            ("lr", ["lr=2", "seed=1"]), ("arm", ["arm=a", "seed=0"]), ("arm", ["arm=a", "seed=1"])]
+    first, later = tuning_phases(runs, ["lr"], "0")
+    assert [o for _, o in first] == [["lr=1", "seed=0"], ["lr=2", "seed=0"], ["arm=a", "seed=0"], ["arm=a", "seed=1"]]
+    scores = {("lr=1",): 0.5, ("lr=2",): 0.2}
+    assert choose_later(later, scores.get) == [("lr", ["lr=2", "seed=1"])]
+    assert choose_later(later, {("lr=1",): 0.5, ("lr=2",): None}.get) == []  # lr=2's tuning run is not over
+    # seeds without the tuning seed: nothing to tune on, every run is first
+    assert tuning_phases([r for r in runs if r[1][-1] == "seed=1"], ["lr"], "0")[1] == {}
+
+    def rows(status):
+        return [{"step": "4", "train/loss": "0.3", "status": status}]
+
+    assert make_figures.tuning_score(rows("finished"), "train/loss", "min") == 0.3
+    assert make_figures.tuning_score(rows("failed"), "train/loss", "min") == float("inf")  # diverged: ranks last
+    assert make_figures.tuning_score(rows("preempted"), "train/loss", "min") is None
+    assert make_figures.tuning_score([], "train/loss", "min") is None
+    assert make_figures.score([], "train/loss", "min") == float("inf")
 
 
 def test_a_figure_tuned_on_one_seed_picks_the_setting_that_ran_the_other_seeds(experiments):

@@ -48,7 +48,7 @@ def sigterm_when_logged(run_dir: Path, step: int, signum: int = signal.SIGTERM) 
     The deadline only ends the watch of a run that died before logging `step`."""
 
     def watch():
-        deadline = time.time() + 900
+        deadline = time.time() + 300
         while time.time() < deadline:
             if last_logged_step(run_dir) >= step:
                 os.kill(os.getpid(), signum)

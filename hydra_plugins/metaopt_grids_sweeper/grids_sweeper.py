@@ -37,7 +37,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.run_folder import read_run
-from experiments.schema import DEFAULT_SELECT, score
+from experiments.schema import DEFAULT_SELECT, tuning_score
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,15 @@ def tuning_phases(runs: Sequence[Tuple[str, List[str]]], tuned: Sequence[str], t
     """
     if tune_seed is None:
         return list(runs), {}
+
+    def seed_of(overrides: Sequence[str]) -> str:
+        return dict(o.split("=", 1) for o in overrides).get("seed", "0")
+
+    # a setting without a run on the tuning seed (the sweep's seeds leave it out) is not tuned: it runs first
+    tunable = {setting_of(overrides) for _, overrides in runs if seed_of(overrides) == str(tune_seed)}
     first, later = [], {}
     for grid, overrides in runs:
-        seed = dict(o.split("=", 1) for o in overrides).get("seed", "0")
-        if grid in tuned and seed != str(tune_seed):
+        if grid in tuned and seed_of(overrides) != str(tune_seed) and setting_of(overrides) in tunable:
             later.setdefault(grid, {}).setdefault(setting_of(overrides), []).append((grid, overrides))
         else:
             first.append((grid, overrides))
@@ -113,7 +118,8 @@ def choose_later(later: Mapping[str, Mapping[Setting, List[Tuple[str, List[str]]
                  tuning_score: Callable[[Setting], Optional[float]]) -> List[Tuple[str, List[str]]]:
     """The later runs of each tuned grid's best setting: the lowest tuning_score(setting)
     (the tuning seed's run, scored by experiments.schema.score), the first in sweep order on a tie.
-    A grid with a setting not scored yet (its tuning run has not finished) runs nothing later."""
+    A grid with a setting not scored yet (its tuning run is not over: experiments.schema.tuning_score)
+    runs nothing later; running the sweep again, once it is, launches them."""
     chosen = []
     for settings in later.values():
         scores = {setting: tuning_score(setting) for setting in settings}
@@ -156,12 +162,11 @@ class GridsSweeper(BasicSweeper):
             for (_, overrides), result in zip(first, (r for batch in returns for r in batch)):
                 folders[setting_of(overrides)] = Path(result.hydra_cfg.hydra.runtime.output_dir)
             metric, mode = self.select["metric"], self.select["mode"]
-            chosen = choose_later(later, lambda setting: score([read_run(folders[setting])], metric, mode))
+            chosen = choose_later(later, lambda setting: tuning_score(read_run(folders[setting]), metric, mode))
             log.info(f"tuned on seed {self.tune_seed}: the best settings' {len(chosen)} runs on the other seeds")
-            if chosen:
-                more, more_diverged = self._launch([overrides for _, overrides in chosen])
-                returns += more
-                diverged += more_diverged
+            more, more_diverged = self._launch([overrides for _, overrides in chosen])
+            returns += more
+            diverged += more_diverged
         if diverged:
             log.warning(f"{len(diverged)} runs diverged (kept, with their rows up to the divergence):\n  "
                         + "\n  ".join(diverged))
@@ -170,6 +175,8 @@ class GridsSweeper(BasicSweeper):
     def _launch(self, runs: List[List[str]]) -> Tuple[List[Any], List[str]]:
         """Launch runs in batches of max_batch_size; returns (each batch's results, diverged runs)."""
         assert self.launcher is not None
+        if not runs:
+            return [], []
         self.overrides = list(self.split_overrides_to_chunks(runs, self.max_batch_size))
         self.batch_index = 0
         log.info(f"{len(runs)} runs in {len(self.overrides)} batches")
