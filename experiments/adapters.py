@@ -23,6 +23,7 @@ Adapters (each a Hydra ``_target_`` of a ``conf/optimizer`` file):
 - :class:`DoGAdapter`: DoG with polynomial-decay averaging; evaluates the averaged model.
 - :class:`MechanicAdapter`: mechanic over any torch optimizer; checkpoints that reload.
 - :class:`GdtuoAdapter`: gdtuo's ``ModuleWrapper`` loop with ``backward(create_graph=True)``.
+- :class:`ScheduleFreeAdapter`: schedule-free optimizers' ``train()`` / ``eval()`` modes.
 """
 
 from __future__ import annotations
@@ -351,6 +352,75 @@ class MechanicAdapter(OptimizerAdapter):
             if entry is not None:
                 for key, value in entry.items():
                     entry[key] = value.to(p.device)
+
+
+class ScheduleFreeAdapter(OptimizerAdapter):
+    """Schedule-free optimizers (schedulefree, e.g. ``AdamWScheduleFree``): the weights are the
+    gradient point y in train mode and the average x in eval mode, switched in place by the
+    optimizer's ``train()`` and ``eval()``, which its README requires before training steps and
+    before evaluation and checkpoints.
+
+    - ``zero_grad`` (the start of a step) puts the optimizer in train mode, ``eval_model`` and
+      ``state_dict`` in eval mode: evaluation runs on x, and a checkpoint holds x as the model's
+      weights (the trainer reads the model's tensors, which ``state_dict`` switches in place, before
+      it writes the file), as the README asks.
+    - ``train()`` recomputes y from x and z, which rounds: y after a round trip differs from y
+      before it in the last bits, so a run resumed from a checkpoint (at a step where the
+      uninterrupted run made no round trip) would drift from it. The adapter keeps y when it
+      switches to eval mode and puts it back after ``train()``, and checkpoints it: every round trip
+      is exact and a resumed run continues bit for bit.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, total_steps: int,
+                 param_groups: dict[str, Any] | None = None):
+        super().__init__(model, optimizer, total_steps, param_groups)
+        self.train_point: list[torch.Tensor] | None = None  # y, kept while the weights are x
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _in_train_mode(self) -> bool:
+        return all(group["train_mode"] for group in self.optimizer.param_groups)
+
+    @torch.no_grad()
+    def train_mode(self) -> None:
+        """The weights at y, the point the next gradient is taken at."""
+        if self._in_train_mode():
+            return
+        self.optimizer.train()
+        if self.train_point is not None:
+            for p, y in zip(self._params(), self.train_point):
+                p.copy_(y)
+            self.train_point = None
+
+    @torch.no_grad()
+    def eval_mode(self) -> None:
+        """The weights at x, the average the package evaluates."""
+        if not self._in_train_mode():
+            return
+        self.train_point = [p.detach().clone() for p in self._params()]
+        self.optimizer.eval()
+
+    def zero_grad(self) -> None:
+        self.train_mode()
+        super().zero_grad()
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        self.train_mode()  # a no-op after zero_grad; the package refuses a step in eval mode
+        super().step(scaler)
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        self.eval_mode()
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        self.eval_mode()
+        return {**super().state_dict(), "train_point": self.train_point}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # the groups' train_mode with it: eval, as checkpointed
+        saved = state.get("train_point")
+        self.train_point = None if saved is None else [y.to(p.device) for p, y in zip(self._params(), saved)]
 
 
 class GdtuoAdapter(Adapter):

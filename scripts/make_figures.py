@@ -14,7 +14,9 @@ the scale recorded in the CSV) and stops, naming them, if a run is missing or un
   runs logged (one per block for the blockwise runs);
 - results/<item>/summary.csv: every setting's final values (mean, std, n), and which were chosen;
 - for Table 1 (kind table), results/table1/table1.md: each optimizer's median training-step time
-  and peak memory against the baseline's (AdamW), one column pair per task.
+  and peak memory against the baseline's (AdamW), one column pair per task;
+- for the drop-in benchmark (kind dropin, experiments/dropin.py), results/dropin/dropin.png and
+  dropin.md: every arm's train loss and test metric at the horizons, and the MetaOptimize arms' goals.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments import dropin  # noqa: E402
 from experiments.reproduce import ITEMS, compose_experiment, expected_runs, select, tune_seed  # noqa: E402
 from experiments.schema import (QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
                                 swept_keys, tuning_score)
@@ -285,8 +288,18 @@ def table(item: str, cfg, runs, out: Path) -> Path:
     return path
 
 
+def dropin_report(item: str, cfg, chosen, runs, out: Path) -> None:
+    """The drop-in benchmark: <item>.png (one column per task) and <item>.md (values and goals)."""
+    tasks = dropin.report(cfg, runs, chosen)
+    dropin.plot(cfg.figure, cfg_scale(cfg), tasks, out / f"{item}.png")
+    seeds = sorted({rows[0]["seed"] for _, rows in runs}, key=int)
+    text = dropin.markdown(cfg.figure.title, cfg_scale(cfg), tasks, [int(h) for h in cfg.figure.horizons],
+                           cfg.figure.goals, seeds)
+    (out / f"{item}.md").write_text(text)
+
+
 # figure.kind -> the function that draws it (kind table writes markdown instead: table())
-RENDERERS = {"curves": plot, "step_sizes": plot, "sensitivity": sensitivity_plot}
+RENDERERS = {"curves": plot, "step_sizes": plot, "sensitivity": sensitivity_plot, "dropin": dropin_report}
 
 
 def build(item: str, results: Path) -> Path:

@@ -54,6 +54,9 @@ EXPECTED_RUNS = {
     "sensitivity": {"full": SENSITIVITY * 3, "mini": SENSITIVITY, "smoke": SENSITIVITY},
     # AdamW and five others on ImageNet; on TinyStories without gdtuo; mini and smoke: the image task
     "table1": {"full": 6 + 5, "mini": 6, "smoke": 6},
+    # beyond the paper, on three tasks: 12 untuned arms on 2 seeds, AdamW's 5 lr on seed 0 then the best on
+    # seed 1, at every scale but smoke (1 seed); tests/test_dropin.py checks the rest
+    "dropin": {"full": 3 * (12 * 2 + 5 + 1), "mini": 3 * (12 * 2 + 5 + 1), "smoke": 3 * (12 + 5)},
 }
 # Figures drawn from another's runs: their runs are a subset of that sweep's, in the same folders.
 SHARED = {"fig3": "fig1", "fig6": "fig4", "fig7": "fig5", "fig8": "fig4"}
@@ -80,8 +83,9 @@ def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
     tuning_first = expected_runs(cfg)  # before any tuning run has finished: the later runs wait
     tuned_later = [run for run in runs if run not in tuning_first]
     assert all(run.grid in cfg.figure.tuned and run.values["seed"] != "0" for run in tuned_later)
-    assert len(tuned_later) == (len(cfg.figure.tuned) if scale == "mini" and item not in ("sensitivity", "table1")
-                                else 0)
+    tuned_on_seed_0 = (scale == "mini" and item not in ("sensitivity", "table1")
+                       or item == "dropin" and scale != "smoke")  # dropin: at every scale with two seeds
+    assert len(tuned_later) == (len(cfg.figure.tuned) if tuned_on_seed_0 else 0)
     assert cfg.hydra.mode.name == "MULTIRUN"
     # distinct runs land in distinct folders: the folder is named by the overrides and the seed
     assert len({(run.key, run.values["seed"]) for run in runs}) == len(runs)
@@ -92,7 +96,8 @@ def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
 # items whose runs the others reuse. A compose takes about 0.3 s.
 COMPOSE_CASES = [pytest.param(item, scale, marks=[] if scale == "mini" and item in ("fig1", "fig2", "fig4", "fig5",
                                                                                    "sensitivity")
-                              else [pytest.mark.slow]) for item in ITEMS for scale in SCALES]
+                              else [pytest.mark.slow]) for item in ITEMS for scale in SCALES
+                if item != "dropin"]  # its tasks' data and models: tests/test_dropin.py
 
 
 @pytest.mark.parametrize("item, scale", COMPOSE_CASES)
@@ -116,7 +121,7 @@ def test_each_grid_composes_into_a_run_config(experiments, item, scale):
                 assert job.optimizer.meta_lr == float(run.values["optimizer.meta_lr"])
 
 
-@pytest.mark.parametrize("item", [item for item in ITEMS if item != "table1"])
+@pytest.mark.parametrize("item", [item for item in ITEMS if item not in ("table1", "dropin")])  # dropin: defaults
 def test_mini_scale_keeps_the_algorithms_settings(experiments, item):
     """A CPU-scale stand-in shrinks data, model, grids and seeds, never eta, gamma or alpha0, and runs
     long enough for the step size to grow from alpha0 (at eta = 1e-3, about 7,000 steps)."""
