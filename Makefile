@@ -10,15 +10,24 @@ STAMP := $(VENV)/.installed
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
-$(STAMP): pyproject.toml
+# The library (pyproject.toml, the wheel holds metaopt alone) goes in editable with its tests' packages (the
+# dev extra); the harness (experiments/, hydra_plugins/, scripts/) is not packaged: its packages come from
+# requirements/experiments.txt, and metaopt-repository.pth in the venv's site-packages puts the repository
+# root on sys.path, so that the venv's python imports experiments and finds the sweeper plugin from any
+# directory (scripts/*.py, pytest, submitit and SLURM jobs).
+$(STAMP): pyproject.toml requirements/experiments.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	# torch 2.14.1 with torchvision 0.29.1: the pair PyPI's torchvision builds against.
 	$(VENV)/bin/pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(VENV)/bin/pip install -e ".[experiments,dev]"
+	# the library's former distribution name here, which also installed experiments and hydra_plugins
+	$(VENV)/bin/pip uninstall -y metaopt
+	$(VENV)/bin/pip install -e ".[dev]" -r requirements/experiments.txt
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/metaopt-repository.pth"
+	cd / && "$(CURDIR)/$(PY)" -c "import experiments, hydra_plugins.metaopt_grids_sweeper, metaopt"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install metaopt with the experiment stack
+install: $(STAMP)  ## create .venv, install metaopt (editable) and the experiment harness's packages
 
 run: $(STAMP)  ## the main job: a short real experiment on CPU or GPU, its plot and a one-line summary
 	$(PY) -m experiments.quickstart
