@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml requirements/experiments.txt
 	$(VENV)/bin/pip install --upgrade pip
 	# torch 2.14.1 with torchvision 0.29.1: the pair PyPI's torchvision builds against.
 	$(VENV)/bin/pip install "torch==2.14.1" "torchvision==0.29.1"
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/metaopt-repository.pth"
 	# the library's former distribution name here, which also installed experiments and hydra_plugins
+	# (after the .pth, so that experiments stays importable in an existing .venv meanwhile)
 	$(VENV)/bin/pip uninstall -y metaopt
 	$(VENV)/bin/pip install -e ".[dev]" -r requirements/experiments.txt
-	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/metaopt-repository.pth"
 	cd / && "$(CURDIR)/$(PY)" -c "import experiments, hydra_plugins.metaopt_grids_sweeper, metaopt"
 	touch $(STAMP)
 
