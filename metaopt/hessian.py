@@ -94,8 +94,10 @@ class Approximation(NamedTuple):
         """``sigma(beta)``: the step size a block's ``beta`` stands for (before ``lr``)."""
         return beta if self.additive else torch.exp(beta)
 
-    def initial_beta(self, alpha0: float) -> float:
-        return alpha0 if self.additive else math.log(alpha0)
+    def initial_beta(self, alpha0: float | Tensor) -> float | Tensor:
+        if self.additive:
+            return alpha0
+        return alpha0.log() if isinstance(alpha0, torch.Tensor) else math.log(alpha0)
 
 
 def resolve(approx: str | Approximation, blocks: str) -> Approximation:

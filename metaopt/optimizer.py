@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import warnings
 from itertools import chain
 from typing import Any, Callable, Iterable
 
@@ -37,6 +38,17 @@ def _is_meta_key(key: str) -> bool:
 BLOCK_KEYS = ("alpha0", "meta_lr", "meta_weight_decay")
 # alpha0 outside this range under- or overflows exp(beta) in float32 at once (step size 0 or inf)
 ALPHA0_RANGE = (1e-30, 1e3)
+# alpha0="auto": the first step moves the weights by this fraction of their norm. The estimate is
+# kept in [AUTO_ALPHA0_FLOOR, ALPHA0_RANGE[1]]; the floor, the paper's alpha0, is where it ends up when
+# the weights are all zero or the first gradients are (then the meta update grows it as in the paper).
+AUTO_FIRST_MOVE = 1e-2
+AUTO_ALPHA0_FLOOR = 1e-6
+# Keywords of other optimizers that users pass out of habit, and what MetaOptimize calls them
+_OTHER_OPTIMIZERS_KEYWORDS = {
+    "betas": "MetaOptimize takes AdamW's betas as momentum= (beta1) and normalizer= (beta2)",
+    "learning_rate": "MetaOptimize learns its step size: alpha0= is where it starts ('auto' by default)",
+    "initial_lr": "MetaOptimize learns its step size: alpha0= is where it starts ('auto' by default)",
+}
 # The driver's hyper-parameters (the rules carry theirs): (lowest, highest, whether the highest is allowed)
 _RANGES = {
     "weight_decay": (0.0, math.inf, False),
@@ -56,6 +68,18 @@ def _step_sizes(lr: float | Tensor, beta: Tensor) -> Tensor:
 
 def _meta_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def _warn_if_lr_is_a_step_size(lr: float | Tensor, where: str) -> None:
+    """``lr`` multiplies the learned step size: ``lr=1e-3`` out of habit would give steps of 1e-3 times it."""
+    if isinstance(lr, (int, float)) and lr != 1.0:
+        warnings.warn(
+            f"MetaOptimize got lr={lr!r}{where}: lr multiplies the learned step size (a scheduler's handle, "
+            f"1.0 by default), it is not a step size. To start from a step size of {lr!r}, pass alpha0={lr!r} "
+            "and leave lr at 1.0",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class MetaOptimize(Optimizer):
@@ -166,8 +190,8 @@ class MetaOptimize(Optimizer):
         *,
         variant: str = "standard",
         lr: float | Tensor = 1.0,
-        alpha0: float = 1e-6,
-        meta_lr: float = 1e-3,
+        alpha0: float | str = "auto",
+        meta_lr: float | None = None,
         gamma: float = 1.0,
         weight_decay: float | None = None,
         momentum: float | None = None,
@@ -208,6 +232,8 @@ class MetaOptimize(Optimizer):
         self.approx = hessian.resolve(approx, blocks)
         for key in rule_hyperparameters:
             name = key[len("meta_") :] if key.startswith("meta_") else key
+            if key in _OTHER_OPTIMIZERS_KEYWORDS:
+                raise TypeError(f"MetaOptimize got an unexpected keyword argument {key!r}: {_OTHER_OPTIMIZERS_KEYWORDS[key]}")
             if not any(name in rule.hyperparameters for rule in (*RULES.values(), self.base_rule)):
                 known = [p for p in inspect.signature(MetaOptimize).parameters if p != "rule_hyperparameters"]
                 close = difflib.get_close_matches(key, known, n=1)
@@ -229,7 +255,7 @@ class MetaOptimize(Optimizer):
         defaults = {
             "lr": lr,
             "alpha0": alpha0,
-            "meta_lr": meta_lr,
+            "meta_lr": self.meta_rule.meta_lr if meta_lr is None else meta_lr,
             "gamma": gamma,
             "meta_weight_decay": meta_weight_decay,
             **self._rule_defaults(),
@@ -241,6 +267,7 @@ class MetaOptimize(Optimizer):
                 raise ValueError(self._not_applicable(key))
             defaults[key] = value
         self._check(defaults, "")
+        _warn_if_lr_is_a_step_size(lr, "")
         self._block_layout: dict[int, Block] = {}
         self._kernels: list[Kernel] = []  # per param group
         # per param group: (ids of the parameters with gradients, their flat partitions), see _prepare
@@ -267,12 +294,12 @@ class MetaOptimize(Optimizer):
         """Raise ValueError naming the argument and its allowed values."""
         alpha0 = hyperparameters.get("alpha0")
         low, high = ALPHA0_RANGE
-        if alpha0 is not None and not (
+        if alpha0 is not None and alpha0 != "auto" and not (
             isinstance(alpha0, (int, float)) and not isinstance(alpha0, bool) and low <= alpha0 <= high
         ):
             raise ValueError(
-                f"alpha0{where} must be a number in [{low}, {high}] (outside it exp(beta) is 0 or inf in float32), "
-                f"got {alpha0!r}"
+                f"alpha0{where} must be a number in [{low}, {high}] (outside it exp(beta) is 0 or inf in float32) "
+                f"or 'auto', got {alpha0!r}"
             )
         for key, value in hyperparameters.items():
             if key in _RANGES:
@@ -293,6 +320,9 @@ class MetaOptimize(Optimizer):
                 raise ValueError(f"{key}{where} must be in {interval}, got {value!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # a copy: the group gets the defaults and the block state, and the caller's dict stays as it was,
+        # so that the same list of groups can build another optimizer
+        param_group = dict(param_group)
         reserved = {"base", "meta", "blocks", "kernel"} & param_group.keys()
         if reserved:
             raise ValueError(f"{sorted(reserved)} cannot differ between param groups; pass them to MetaOptimize(...)")
@@ -308,6 +338,8 @@ class MetaOptimize(Optimizer):
                 f"meta={self.meta!r}) does not use; a group may set {sorted(self.defaults)} and 'block'"
             )
         self._check(param_group, f" of param group {len(self.param_groups)}")
+        if "lr" in param_group:
+            _warn_if_lr_is_a_step_size(param_group["lr"], f" in param group {len(self.param_groups)}")
         super().add_param_group(param_group)
         self._block_layout = self._build_layout()
         self._check_shared_blocks()
@@ -445,9 +477,13 @@ class MetaOptimize(Optimizer):
         for name in self.base_rule.moment_names:
             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _init_block(self, owner_state: dict[str, Any], shape, alpha0: float, like: Tensor) -> None:
+    def _init_block(self, owner_state: dict[str, Any], shape, alpha0: float | Tensor, like: Tensor) -> None:
         dtype = _meta_dtype(like.dtype)
-        owner_state["beta"] = torch.full(shape, self.approx.initial_beta(alpha0), dtype=dtype, device=like.device)
+        if isinstance(alpha0, Tensor):  # estimated by alpha0="auto", on the device
+            beta = self.approx.initial_beta(alpha0.to(device=like.device, dtype=dtype))
+            owner_state["beta"] = beta.expand(shape).clone()
+        else:
+            owner_state["beta"] = torch.full(shape, self.approx.initial_beta(alpha0), dtype=dtype, device=like.device)
         owner_state["meta_step"] = torch.zeros((), dtype=dtype, device=like.device)
         for name in self.meta_rule.moment_names:
             owner_state[f"meta_{name}"] = torch.zeros(shape, dtype=dtype, device=like.device)
@@ -535,6 +571,7 @@ class MetaOptimize(Optimizer):
 
     def _init_states(self, params: list[Tensor], trace_columns: int = 1) -> None:
         """The state of each parameter and of its block, created at the parameter's first step."""
+        auto_alpha0 = None  # estimated once for all the blocks that start here with alpha0="auto"
         for p in params:
             state = self.state[p]
             if "trace" not in state:
@@ -543,7 +580,33 @@ class MetaOptimize(Optimizer):
             owner_state = self._owner_state(block.owner)
             if "beta" not in owner_state:
                 alpha0 = self.param_groups[block.meta_group]["alpha0"]
+                if alpha0 == "auto":
+                    auto_alpha0 = self._auto_alpha0(params) if auto_alpha0 is None else auto_alpha0
+                    alpha0 = auto_alpha0
                 self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
+
+    def _auto_alpha0(self, params: list[Tensor]) -> Tensor:
+        r"""``alpha0="auto"``: the step size whose first base update moves the weights by
+        ``AUTO_FIRST_MOVE`` of their norm, :math:`\alpha_0 = r \, \lVert w \rVert / \lVert d(g) \rVert`
+        over ``params`` (those that step for the first time, with their gradients), where
+        :math:`d(g)` is the base rule's first direction (``sign(g)`` for Adam, RMSProp and Lion,
+        ``g`` for SGD; ``g`` where the rule's first direction is zero, as the released SGDm's).
+        Computed on the device: no host sync."""
+        with_grads = [p for p in params if p.grad is not None]
+        if not with_grads:
+            return torch.tensor(AUTO_ALPHA0_FLOOR)
+        squares = torch.zeros(3, dtype=torch.float32, device=with_grads[0].device)  # |w|^2, |d|^2, |g|^2
+        for p in with_grads:
+            group = self.param_groups[self._block_layout[id(p)].group]
+            g = p.grad.float()
+            moments = {name: torch.zeros_like(g) for name in self.base_rule.moment_names}
+            hp = {key: group[key] for key in self.base_rule.hyperparameters}
+            d, _ = self.base_rule.direction(g, moments, hp, torch.ones((), device=g.device))
+            squares += torch.stack([p.float().square().sum(), d.square().sum(), g.square().sum()]).to(squares.device)
+        norm_w, norm_d, norm_g = squares.sqrt().unbind()
+        norm_d = torch.where(norm_d > 0, norm_d, norm_g)
+        alpha0 = torch.where(norm_d > 0, AUTO_FIRST_MOVE * norm_w / norm_d, 0.0).nan_to_num(0.0, 0.0, 0.0)
+        return alpha0.clamp(AUTO_ALPHA0_FLOOR, ALPHA0_RANGE[1])
 
     def _prepare(self, index: int, params: list[Tensor]) -> list[tuple[list[Tensor], flat.Partition | None]] | None:
         """Create the state of ``params`` (the group's parameters with gradients); with the flat kernel,
@@ -768,8 +831,9 @@ class MetaOptimize(Optimizer):
         owner_state = self._owner_state(block.owner)
         if "beta" in owner_state:
             alpha = self.approx.step_size(owner_state["beta"]).view(block.view_shape)
-        else:
+        else:  # before the block's first step; alpha0="auto" is estimated there: NaN until then
             alpha0 = self.param_groups[block.meta_group]["alpha0"]
+            alpha0 = math.nan if alpha0 == "auto" else alpha0
             alpha = torch.full(block.view_shape, alpha0, dtype=_meta_dtype(p.dtype), device=p.device)
         return self.param_groups[block.group]["lr"] * alpha
 

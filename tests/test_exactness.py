@@ -421,7 +421,7 @@ def test_a_custom_rule_gets_the_exact_trace_without_derivations():
     from metaopt.rules import RULES, Rule
 
     sgdm = RULES["sgdm"]
-    custom = Rule(sgdm.hyperparameters, sgdm.moment_names, sgdm.direction)  # no foreach kernel, no derivation
+    custom = Rule(sgdm.hyperparameters, sgdm.moment_names, sgdm.direction, weight_decay=sgdm.weight_decay)  # no foreach kernel, no derivation
     runs = []
     for base in ("sgdm", custom):
         params = [nn.Parameter(w.clone()) for w in initial_weights()]

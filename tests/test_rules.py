@@ -40,10 +40,11 @@ def nesterov(monkeypatch):
 
 def test_the_keywords_are_the_rules_hyperparameters():
     """MetaOptimize's explicit rule keywords are exactly the built-in rules' hyper-parameters
-    (and meta_ ones), so the two cannot drift apart."""
+    (and meta_ ones) and the two defaults a rule carries (its weight decay as a base, its meta step
+    size as a meta rule), so the two cannot drift apart."""
     keywords = {name for name, p in inspect.signature(MetaOptimize).parameters.items() if p.default is None}
     names = {name for rule in rules.RULES.values() for name in rule.hyperparameters}
-    assert keywords == {"weight_decay", *names, *(f"meta_{name}" for name in names)}
+    assert keywords == {"weight_decay", "meta_lr", *names, *(f"meta_{name}" for name in names)}
     assert all(rule.range_of(name) is not None for rule in rules.RULES.values() for name in rule.hyperparameters)
 
 
