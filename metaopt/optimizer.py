@@ -571,7 +571,7 @@ class MetaOptimize(Optimizer):
 
     def _init_states(self, params: list[Tensor], trace_columns: int = 1) -> None:
         """The state of each parameter and of its block, created at the parameter's first step."""
-        auto_alpha0 = None  # estimated once for all the blocks that start here with alpha0="auto"
+        auto_alpha0: dict[int, Tensor] = {}  # alpha0="auto", estimated once per param group from its parameters here
         for p in params:
             state = self.state[p]
             if "trace" not in state:
@@ -581,28 +581,33 @@ class MetaOptimize(Optimizer):
             if "beta" not in owner_state:
                 alpha0 = self.param_groups[block.meta_group]["alpha0"]
                 if alpha0 == "auto":
-                    auto_alpha0 = self._auto_alpha0(params) if auto_alpha0 is None else auto_alpha0
-                    alpha0 = auto_alpha0
+                    if block.group not in auto_alpha0:
+                        group_params = [q for q in params if self._block_layout[id(q)].group == block.group]
+                        auto_alpha0[block.group] = self._auto_alpha0(group_params)
+                    alpha0 = auto_alpha0[block.group]
                 self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
 
     def _auto_alpha0(self, params: list[Tensor]) -> Tensor:
         r"""``alpha0="auto"``: the step size whose first base update moves the weights by
         ``AUTO_FIRST_MOVE`` of their norm, :math:`\alpha_0 = r \, \lVert w \rVert / \lVert d(g) \rVert`
-        over ``params`` (those that step for the first time, with their gradients), where
+        over ``params`` (the parameters of the param group whose step creates the block, with their
+        gradients), where
         :math:`d(g)` is the base rule's first direction (``sign(g)`` for Adam, RMSProp and Lion,
         ``g`` for SGD; ``g`` where the rule's first direction is zero, as the released SGDm's).
         Computed on the device: no host sync."""
         with_grads = [p for p in params if p.grad is not None]
         if not with_grads:
             return torch.tensor(AUTO_ALPHA0_FLOOR)
-        squares = torch.zeros(3, dtype=torch.float32, device=with_grads[0].device)  # |w|^2, |d|^2, |g|^2
+        dtype = _meta_dtype(with_grads[0].dtype)
+        squares = torch.zeros(3, dtype=dtype, device=with_grads[0].device)  # |w|^2, |d|^2, |g|^2
         for p in with_grads:
             group = self.param_groups[self._block_layout[id(p)].group]
-            g = p.grad.float()
+            g = p.grad.to(dtype)
             moments = {name: torch.zeros_like(g) for name in self.base_rule.moment_names}
             hp = {key: group[key] for key in self.base_rule.hyperparameters}
-            d, _ = self.base_rule.direction(g, moments, hp, torch.ones((), device=g.device))
-            squares += torch.stack([p.float().square().sum(), d.square().sum(), g.square().sum()]).to(squares.device)
+            d, _ = self.base_rule.direction(g, moments, hp, torch.ones((), dtype=dtype, device=g.device))
+            norms = torch.stack([p.to(dtype).square().sum(), d.square().sum(), g.square().sum()])
+            squares += norms.to(squares.device)
         norm_w, norm_d, norm_g = squares.sqrt().unbind()
         norm_d = torch.where(norm_d > 0, norm_d, norm_g)
         alpha0 = torch.where(norm_d > 0, AUTO_FIRST_MOVE * norm_w / norm_d, 0.0).nan_to_num(0.0, 0.0, 0.0)

@@ -106,6 +106,22 @@ def test_the_whole_step_compiles_to_one_graph(base, meta, blocks, kernel, device
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
 
 
+def test_the_first_step_with_auto_alpha0_compiles_to_one_graph():
+    """alpha0="auto" estimates the step size in the first step, on the device: no graph break there."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        model = make_model()
+        optimizer = MetaOptimize(model.parameters(), "adamw", "lion", alpha0="auto")
+        step = torch.compile(optimizer.step, fullgraph=True) if compiled else optimizer.step
+        for t in range(3):
+            optimizer.zero_grad()
+            backward(model, t)
+            step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
+
+
 @CUDA
 @pytest.mark.parametrize("kernel", ["flat", "foreach", "compiled", "reference"])
 @pytest.mark.parametrize("blocks", BLOCKS)
