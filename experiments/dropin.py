@@ -3,6 +3,8 @@ metric at the horizons (300, 1,000, 3,000, 10,000 steps), means over seeds, and 
 MetaOptimize arm meets the goals of figure.goals. scripts/make_figures.py (kind dropin) draws
 results/dropin/dropin.png and writes results/dropin/dropin.md from it.
 
+    python -m experiments.dropin mini    # the sweep's runs and its estimated wall time (make dropin prints it)
+
 A task is a panel of figure.panels: its untuned arms are the runs of its grid, one arm per optimizer
 config, and its tuned AdamW is the best setting of its tuned grid (as the sweeper chose it). Each
 arm's label and role come from figure.arms, keyed by its optimizer config (the tuned AdamW: adamw_tuned).
@@ -20,6 +22,13 @@ from typing import Any, Mapping, Sequence
 
 TRAIN = "train/loss"
 TUNED_KEY = "adamw_tuned"  # the tuned AdamW's entry in figure.arms
+
+# Measured for the wall-time estimate: a run's wall seconds per training step (evaluation every 100
+# steps included), the mean over the arms of 500-step runs of each task's grid on one thread of this
+# 2-core machine beside other jobs (arms range: digits 0.6-1.9 ms, Fashion-MNIST 2.0-10.7 ms, text
+# 2.9-8.0 ms), and a run's start-up (a fresh process: imports, data).
+SECONDS_PER_STEP = {"digits": 0.00084, "fashion": 0.0046, "text": 0.0055}
+START_S = 6.0
 
 
 @dataclass
@@ -114,7 +123,8 @@ def check_goals(task: Task, horizons: Sequence[int], goals: Any) -> None:
 
 def _verdict(checks: list[tuple[str, float, float, bool, str]]) -> tuple[bool, str]:
     """(met, why): met only when every value and reference is finite and every check holds."""
-    unknown = [name for name, value, reference, _, _ in checks if not (math.isfinite(value) and math.isfinite(reference))]
+    unknown = [name for name, value, reference, _, _ in checks
+               if not (math.isfinite(value) and math.isfinite(reference))]
     if unknown:
         return False, "no value: " + ", ".join(unknown)
     failed = [why for _, _, _, met, why in checks if not met]
@@ -144,15 +154,17 @@ def _step(step: int) -> str:
     return f"{step // 1000}k" if step >= 1000 and step % 1000 == 0 else str(step)
 
 
-def markdown(title: str, scale: str, tasks: Sequence[Task], horizons: Sequence[int], goals: Any, seeds: Sequence[str]) -> str:
+def markdown(title: str, scale: str, tasks: Sequence[Task], horizons: Sequence[int], goals: Any,
+             seeds: Sequence[str]) -> str:
     """results/dropin/dropin.md: per task, each arm's train loss / test metric at each horizon, then the goals."""
     steps = [_step(h) for h in horizons]
     lines = [f"# {title} ({scale} scale)", "",
-             f"Means over seeds {', '.join(seeds)} (scripts/make_figures.py from runs.csv; conf/experiment/dropin.yaml). "
-             "Each cell: train loss / test metric at that step; n/a: a seed has no value there (it stopped or diverged).",
+             f"Means over seeds {', '.join(seeds)} (scripts/make_figures.py from runs.csv; "
+             "conf/experiment/dropin.yaml). Each cell: train loss / test metric at that step; n/a: a seed has no "
+             "value there (it stopped or diverged).",
              "",
-             f"Goals of a MetaOptimize arm: at {_step(goals.early_step)} steps a train loss no higher than AdamW()'s "
-             f"(lr 1e-3); from {_step(goals.from_step)} steps on a train loss at most {goals.train_loss_ratio}x the best "
+             f"Goals of a MetaOptimize arm: at step {goals.early_step:,} a train loss no higher than AdamW()'s "
+             f"(lr 1e-3); from step {goals.from_step:,} on a train loss at most {goals.train_loss_ratio}x the best "
              "learning-rate-free optimizer's (Prodigy, DoG, mechanic, schedule-free AdamW) and a test accuracy at most "
              f"{goals.test_acc_points * 100:g} point below the best one's (on text: a test loss at most "
              f"{goals.test_loss_nats} nats per byte above the best one's); each metric's best taken over the four.", ""]
@@ -183,28 +195,33 @@ def plot(fig_cfg: Any, scale: str, tasks: Sequence[Task], path: Any) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2.2, not 2.2 x 10^0, on a log axis within a decade
     styles = {"metaopt": "-", "lr_free": "--", "adamw": ":", "tuned": ":"}
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 7.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 8.4), squeeze=False)
     colors = plt.get_cmap("tab20").colors
     for col, task in enumerate(tasks):
         for index, arm in enumerate(task.arms):
             for row, metric in enumerate((TRAIN, task.test_metric)):
                 steps, means = _mean_series(arm.seeds, metric)
-                axes[row][col].plot(steps, means, color=colors[index % len(colors)], linestyle=styles.get(arm.role, "-"),
-                                    linewidth=1.2, label=arm.label)
+                axes[row][col].plot(steps, means, color=colors[index % len(colors)],
+                                    linestyle=styles.get(arm.role, "-"), linewidth=1.2, label=arm.label)
         for row, metric in enumerate((TRAIN, task.test_metric)):
             ax = axes[row][col]
             ax.set_xscale("log")
             if metric.endswith("loss"):
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
             ax.set_xlabel("step")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         axes[0][col].set_title(task.title)
-        axes[0][col].legend(fontsize=6)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # the same arms in every column: one legend
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(f"{fig_cfg.title} ({scale} scale; mean over seeds)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -215,3 +232,33 @@ def _mean_series(seeds: Sequence[Sequence[Mapping[str, str]]], metric: str) -> t
                 for rows in seeds]
     steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
     return steps, [statistics.fmean(s[step] for s in per_seed) for step in steps]
+
+
+def estimate(cfg: Any) -> tuple[int, float]:
+    """(runs, wall seconds) of the sweep at cfg's scale: each run's start-up and steps at the measured
+    SECONDS_PER_STEP of its task, hydra.sweeper.max_batch_size runs at a time."""
+    from experiments.reproduce import expected_runs
+
+    task_of = {grid: panel.grid for panel in cfg.figure.panels for grid in (panel.grid, panel.tuned)}
+    runs = expected_runs(cfg, tuning_score=lambda run: 0.0)  # the tuned grids' later runs included
+    seconds = sum(START_S + cfg.trainer.max_steps * SECONDS_PER_STEP[task_of[run.grid]] for run in runs)
+    return len(runs), seconds / (cfg.hydra.sweeper.max_batch_size or 1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    from experiments.reproduce import SCALES, compose_experiment
+
+    parser = argparse.ArgumentParser(description="The drop-in benchmark's runs and estimated wall time.")
+    parser.add_argument("scale", choices=SCALES, nargs="?", default="mini")
+    args = parser.parse_args(argv)
+    cfg = compose_experiment("dropin", args.scale)
+    count, seconds = estimate(cfg)
+    at_once = cfg.hydra.sweeper.max_batch_size or 1
+    print(f"dropin at scale {args.scale}: {count} runs of {cfg.trainer.max_steps:,} steps, {at_once} at a time: "
+          f"about {seconds / 60:.0f} minutes on this machine's CPU (experiments/dropin.py, SECONDS_PER_STEP)")
+
+
+if __name__ == "__main__":
+    main()

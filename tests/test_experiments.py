@@ -42,6 +42,7 @@ FIG5 = {"full": (2 + 2 * 5 + 3 + 4 + 1 + 3) * 3,  # as Fig. 4 without gdtuo (tie
 # sensitivity: (AdamW, Adam) in two variants and (Lion, Lion) over 7 eta and 5 alpha0 (the paper's
 # setting shared), and the AdamW and Lion fixed-step grids; one seed at mini and smoke
 SENSITIVITY = 3 * (7 + 5 - 1) + 2 * 5
+DROPIN_ARMS = len(OmegaConf.load(CONF / "experiment" / "dropin.yaml").dropin.arms.split(","))
 EXPECTED_RUNS = {
     "fig1": FIG1,
     "fig2": {"full": 5 * 3, "mini": 5 * 2, "smoke": 5},  # five alpha0
@@ -54,9 +55,10 @@ EXPECTED_RUNS = {
     "sensitivity": {"full": SENSITIVITY * 3, "mini": SENSITIVITY, "smoke": SENSITIVITY},
     # AdamW and five others on ImageNet; on TinyStories without gdtuo; mini and smoke: the image task
     "table1": {"full": 6 + 5, "mini": 6, "smoke": 6},
-    # beyond the paper, on three tasks: 12 untuned arms on 2 seeds, AdamW's 5 lr on seed 0 then the best on
-    # seed 1, at every scale but smoke (1 seed); tests/test_dropin.py checks the rest
-    "dropin": {"full": 3 * (12 * 2 + 5 + 1), "mini": 3 * (12 * 2 + 5 + 1), "smoke": 3 * (12 + 5)},
+    # beyond the paper, on three tasks: its untuned arms on 2 seeds, AdamW's 5 lr on seed 0 then the best on
+    # seed 1, at every scale but smoke (1 seed); tests/test_dropin.py checks the arms
+    "dropin": {"full": 3 * (DROPIN_ARMS * 2 + 5 + 1), "mini": 3 * (DROPIN_ARMS * 2 + 5 + 1),
+               "smoke": 3 * (DROPIN_ARMS + 5)},
 }
 # Figures drawn from another's runs: their runs are a subset of that sweep's, in the same folders.
 SHARED = {"fig3": "fig1", "fig6": "fig4", "fig7": "fig5", "fig8": "fig4"}
