@@ -4,7 +4,7 @@ For each ``blocks`` setting, :data:`GRANULARITIES` says how a parameter's block 
 its ``beta`` lives and how it broadcasts), how :meth:`metaopt.MetaOptimize.step_sizes` names it,
 what a block shared by several param groups means, whether one Hessian-vector product per block
 is affordable (approx ``"l"`` / ``"2x2"``, :mod:`metaopt.hessian`), and which flat buffers the flat
-kernel keeps (:mod:`metaopt.flat`). Adding a granularity is one entry here.
+layout keeps (:mod:`metaopt.plan`). Adding a granularity is one entry here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 from torch import Tensor
 
 
-class Block(NamedTuple):
+class Placement(NamedTuple):
     """Where a parameter's step sizes live and how they broadcast against it."""
 
     owner: int | Tensor  # a param group index (scalar, param_group) or a parameter (its state holds the block)
@@ -25,37 +25,37 @@ class Block(NamedTuple):
 
 
 class Granularity(NamedTuple):
-    block: Callable[[Tensor, int, int, dict[int, tuple[Tensor, int]]], Block]  # see _scalar etc.
+    place: Callable[[Tensor, int, int, dict[int, tuple[Tensor, int]]], Placement]  # see _scalar etc.
     logged_as: str  # the step_sizes() key, with {block} (param group block name) and {param} (parameter name)
     shares: str  # what a block shared by param groups learns (in errors); "" when blocks are per tensor
     few_blocks: bool  # few enough blocks for one Hessian-vector product each
-    flat: str  # the flat kernel's kind of block: "one", "tensor", "weight" or "node" (metaopt/flat.py)
+    segment_kind: str  # the kind of block of a flat segment: "one", "tensor", "weight" or "node" (metaopt/plan.py)
     pairs_biases: bool = False  # a bias takes the step sizes of its weight's rows (node_weights)
     logs_range: bool = False  # step_sizes() logs each tensor's /min, /median and /max
 
 
-# block(p, index of its param group, first group with its block name, bias -> (weight, its group))
+# place(p, index of its param group, first group with its block name, bias -> (weight, its group))
 def _scalar(p, index, owner_group, biases):
-    return Block(0, (), 0, index)
+    return Placement(0, (), 0, index)
 
 
 def _param_group(p, index, owner_group, biases):
-    return Block(owner_group, (), owner_group, index)
+    return Placement(owner_group, (), owner_group, index)
 
 
 def _layerwise(p, index, owner_group, biases):
-    return Block(p, (), index, index)
+    return Placement(p, (), index, index)
 
 
 def _nodewise(p, index, owner_group, biases):
     if id(p) in biases:  # a bias shares the step sizes of its weight's rows
         weight, weight_group = biases[id(p)]
-        return Block(weight, tuple(p.shape), weight_group, index)
-    return Block(p, _node_shape(p), index, index)
+        return Placement(weight, tuple(p.shape), weight_group, index)
+    return Placement(p, _node_shape(p), index, index)
 
 
 def _weightwise(p, index, owner_group, biases):
-    return Block(p, tuple(p.shape), index, index)
+    return Placement(p, tuple(p.shape), index, index)
 
 
 GRANULARITIES: dict[str, Granularity] = {
@@ -66,7 +66,7 @@ GRANULARITIES: dict[str, Granularity] = {
                             pairs_biases=True, logs_range=True),
     "weightwise": Granularity(_weightwise, "step_size/{param}", "", False, "weight", logs_range=True),
 }
-BLOCKS = tuple(GRANULARITIES)
+BLOCKS = tuple(GRANULARITIES)  # the values of MetaOptimize(blocks=...)
 
 
 def _node_shape(p: Tensor) -> tuple[int, ...]:

@@ -33,15 +33,14 @@ import torch
 from torch import Tensor
 
 
-def _reference_base_update(
-    params, grads, traces, moments, steps, step_sizes, view_shapes, *, rule, hp, weight_decay, gamma
-) -> list[Tensor]:
-    """Base update and trace of one param group, tensor by tensor; returns each tensor's
-    meta-gradient contribution ``h * g`` (trace before the update), summed to its block's view."""
-    meta_grads = []
+def _reference_meta_grads(traces, grads, view_shapes) -> list[Tensor]:
+    """Each tensor's meta-gradient term ``h * g`` (the trace from before the step), summed to its block's view."""
+    return [(h * g).sum_to_size(shape) for h, g, shape in zip(traces, grads, view_shapes)]
+
+
+def _reference_update(params, grads, traces, moments, steps, step_sizes, *, rule, hp, weight_decay, gamma) -> None:
+    """Base update and trace, tensor by tensor; ``steps`` already count this step."""
     for i, (w, g, h) in enumerate(zip(params, grads, traces)):
-        meta_grads.append((h * g).sum_to_size(view_shapes[i]))
-        steps[i] += 1
         d, new_moments = rule.direction(g, {name: moments[name][i] for name in moments}, hp, steps[i])
         for name, value in new_moments.items():
             moments[name][i].copy_(value)
@@ -49,13 +48,12 @@ def _reference_base_update(
         dw = -alpha * (d + weight_decay * w)
         w.add_(dw)
         h.mul_(gamma * (1 - weight_decay * alpha)).add_(dw)
-    return meta_grads
 
 
 def _reference_meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_lr, meta_weight_decay) -> None:
-    """``beta <- (1 - meta_lr * meta_weight_decay) * beta - meta_lr * d(z)`` block by block."""
+    """``beta <- (1 - meta_lr * meta_weight_decay) * beta - meta_lr * d(z)`` block by block; ``steps``
+    already count this step."""
     for i, (beta, z) in enumerate(zip(betas, meta_grads)):
-        steps[i] += 1
         u, new_moments = rule.direction(z, {name: moments[name][i] for name in moments}, hp, steps[i])
         for name, value in new_moments.items():
             moments[name][i].copy_(value)
@@ -74,6 +72,11 @@ def _inner_products(h: Tensor, g: Tensor, shape: tuple[int, ...]) -> Tensor:
         return (h * g).sum().view(shape)
     rows = shape[0]
     return torch.bmm(h.reshape(rows, 1, -1), g.reshape(rows, -1, 1)).view(shape)
+
+
+def _foreach_meta_grads(traces, grads, view_shapes) -> list[Tensor]:
+    """:func:`_reference_meta_grads` as dot products (left out of any compiled graph)."""
+    return [_inner_products(h, g, shape) for h, g, shape in zip(traces, grads, view_shapes)]
 
 
 def _owns_directions(directions, grads, moments, rule) -> bool:
@@ -128,35 +131,12 @@ def _foreach_update(params, grads, traces, moments, steps, step_sizes, *, rule, 
             torch.add(dw, h, alpha=gamma, out=h)
 
 
-def _base_update_with(update: Callable) -> Callable:
-    """A base update: the meta-gradient terms with the trace from before the step (dot
-    products, left out of any compiled graph), then ``update``."""
-
-    def base_update(params, grads, traces, moments, steps, step_sizes, view_shapes, **hyperparameters) -> list[Tensor]:
-        meta_grads = [_inner_products(h, g, shape) for h, g, shape in zip(traces, grads, view_shapes)]
-        torch._foreach_add_(steps, 1)
-        update(params, grads, traces, moments, steps, step_sizes, **hyperparameters)
-        return meta_grads
-
-    return base_update
-
-
 def _foreach_meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_lr, meta_weight_decay) -> None:
     """Meta update of :func:`_reference_meta_update` with multi-tensor ops; ``steps`` already count this step."""
     directions = rule.directions(meta_grads, moments, hp, steps)
     if meta_weight_decay != 0:
         torch._foreach_mul_(betas, 1 - meta_lr * meta_weight_decay)
     torch._foreach_add_(betas, directions, alpha=-meta_lr)
-
-
-def _counting(meta_update: Callable) -> Callable:
-    """A meta update that first counts the step of each block."""
-
-    def counted(betas, meta_grads, moments, steps, **hyperparameters) -> None:
-        torch._foreach_add_(steps, 1)
-        meta_update(betas, meta_grads, moments, steps, **hyperparameters)
-
-    return counted
 
 
 def _compiled(function: Callable) -> Callable:
@@ -171,29 +151,29 @@ def _compiled(function: Callable) -> Callable:
 
 
 class Kernel(NamedTuple):
-    """The functions of one kernel for one param group."""
+    """The arithmetic of one kernel for one param group, on lists of tensors whose counters already
+    count this step (:func:`metaopt.hessian_free.step` calls them)."""
 
-    base_update: Callable  # lists of per-tensor state -> the meta-gradient terms (see _base_update_with)
-    meta_update: Callable
-    # On one flat tensor per state key (metaopt/flat.py), with counters already counting this step:
-    flat_update: Callable | None = None
-    flat_meta_update: Callable | None = None
+    meta_grads: Callable  # (traces, grads, view_shapes) -> each tensor's term h * g summed to its block's view
+    update: Callable  # (params, grads, traces, moments, steps, step_sizes, **hyper-parameters): base update and trace
+    meta_update: Callable  # (betas, meta_grads, moments, steps, **hyper-parameters): the step sizes' update
+    flat: bool = False  # keep the state in flat buffers (metaopt/plan.py) where that pays off
+
+
+def _foreach() -> Kernel:
+    return Kernel(_foreach_meta_grads, _foreach_update, _foreach_meta_update)
 
 
 KERNELS: dict[str, Callable[[], Kernel]] = {
-    "reference": lambda: Kernel(_reference_base_update, _reference_meta_update),
-    "foreach": lambda: Kernel(_base_update_with(_foreach_update), _counting(_foreach_meta_update)),
-    # The foreach update on flat buffers: a number of ops per step that does not depend on the
-    # number of tensors.
-    "flat": lambda: Kernel(
-        _base_update_with(_foreach_update), _counting(_foreach_meta_update), _foreach_update, _foreach_meta_update
-    ),
+    "reference": lambda: Kernel(_reference_meta_grads, _reference_update, _reference_meta_update),
+    "foreach": _foreach,
+    # The foreach arithmetic on flat buffers (a layout, metaopt/plan.py): a number of ops per step that
+    # does not depend on the number of tensors.
+    "flat": lambda: _foreach()._replace(flat=True),
     # The meta-gradient's dot products stay out of the graph: Inductor would give them a loop
     # of their own anyway, and torch 2.14's CPU code generation fails on fusing row sums
     # (nodewise) with the update. Per tensor, not on flat buffers: on a CPU, where a step is
     # bound by memory, gathering into flat buffers costs more than the fused loops save.
-    "compiled": lambda: Kernel(
-        _base_update_with(_compiled(_foreach_update)), _counting(_compiled(_foreach_meta_update))
-    ),
+    "compiled": lambda: Kernel(_foreach_meta_grads, _compiled(_foreach_update), _compiled(_foreach_meta_update)),
 }
 """Kernel name -> a function that makes the :class:`Kernel` of one param group."""

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaopt import flat, hessian
-from metaopt.granularity import BLOCKS, GRANULARITIES, Block, node_weights
+from metaopt import hessian, hessian_free, plan
+from metaopt.granularity import BLOCKS, GRANULARITIES, Placement, node_weights
 from metaopt.kernels import KERNELS, Kernel
 from metaopt.rules import BASES, METAS, RULES, VARIANTS, Rule
 
@@ -57,13 +57,6 @@ _RANGES = {
     "meta_lr": (0.0, math.inf, False),
     "lr": (0.0, math.inf, False),
 }
-
-
-def _step_sizes(lr: float | Tensor, beta: Tensor) -> Tensor:
-    """``lr * exp(beta)``; the product skipped for the default ``lr`` of 1.0, exactly equal."""
-    if isinstance(lr, float) and lr == 1.0:
-        return torch.exp(beta)
-    return lr * torch.exp(beta)
 
 
 def _meta_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -268,11 +261,9 @@ class MetaOptimize(Optimizer):
             defaults[key] = value
         self._check(defaults, "")
         _warn_if_lr_is_a_step_size(lr, "")
-        self._block_layout: dict[int, Block] = {}
+        self._placements: dict[int, Placement] = {}  # id(p) -> where its step sizes live
         self._kernels: list[Kernel] = []  # per param group
-        # per param group: (ids of the parameters with gradients, their flat partitions), see _prepare
-        self._partitions: dict[int, tuple[tuple[int, ...], list]] = {}
-        self._nodes: tuple[tuple, flat.Nodes | None] | None = None  # the same for blocks="nodewise"
+        self._cached_plan: plan.Plan | None = None  # the last step's plan, see _plan
         super().__init__(params, defaults)
 
     # -- hyper-parameters ---------------------------------------------------------------
@@ -341,9 +332,10 @@ class MetaOptimize(Optimizer):
         if "lr" in param_group:
             _warn_if_lr_is_a_step_size(param_group["lr"], f" in param group {len(self.param_groups)}")
         super().add_param_group(param_group)
-        self._block_layout = self._build_layout()
+        self._placements = self._place()
         self._check_shared_blocks()
         self._kernels.append(KERNELS[self.kernel]())
+        self._cached_plan = None
 
     # -- pickling and checkpoints ---------------------------------------------------------
 
@@ -363,9 +355,9 @@ class MetaOptimize(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._block_layout = self._build_layout()
+        self._placements = self._place()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
-        self._partitions, self._nodes = {}, None
+        self._cached_plan = None
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -401,7 +393,7 @@ class MetaOptimize(Optimizer):
             state[index] = {k: v for k, v in param_state.items() if not _is_meta_key(k)}
             meta_state[index] = {k: v for k, v in param_state.items() if _is_meta_key(k)}
         super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "metaoptimize"}, "state": state})
-        self._partitions, self._nodes = {}, None  # the loaded state is in tensors of its own: the flat kernel gathers it again
+        self._cached_plan = None  # the loaded state is in tensors of its own: a flat layout gathers it again
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         for index, values in meta_state.items():
@@ -425,17 +417,17 @@ class MetaOptimize(Optimizer):
 
     # -- blocks ---------------------------------------------------------------------------
 
-    def _build_layout(self) -> dict[int, Block]:
+    def _place(self) -> dict[int, Placement]:
         """Computed whenever the param groups change, not lazily in ``step``: attributes set
         inside ``step`` would break ``torch.compile(optimizer.step)`` on some torch versions."""
-        layout: dict[int, Block] = {}
+        layout: dict[int, Placement] = {}
         first_group_of_block: dict[str, int] = {}
         granularity = GRANULARITIES[self.blocks]
         biases = node_weights(self.param_groups) if granularity.pairs_biases else {}
         for index, group in enumerate(self.param_groups):
             owner_group = first_group_of_block.setdefault(group.get("block", f"group{index}"), index)
             for p in group["params"]:
-                layout[id(p)] = granularity.block(p, index, owner_group, biases)
+                layout[id(p)] = granularity.place(p, index, owner_group, biases)
         # Numbered here, in eager Python: step() groups by number, which torch.compile traces
         # exactly (ids of dicts, or of one tensor reached two ways, it does not on every version).
         numbers: dict[int, int] = {}
@@ -447,7 +439,7 @@ class MetaOptimize(Optimizer):
     def _check_shared_blocks(self) -> None:
         """A block takes alpha0 and its meta hyper-parameters from one group: refuse a group whose
         own values would be ignored, rather than ignore them."""
-        for block in self._block_layout.values():
+        for block in self._placements.values():
             group, meta_group = self.param_groups[block.group], self.param_groups[block.meta_group]
             for key in (*BLOCK_KEYS, *(f"meta_{name}" for name in self.meta_rule.hyperparameters)):
                 if key in group and group[key] != meta_group[key]:
@@ -464,7 +456,7 @@ class MetaOptimize(Optimizer):
     def _block_shape(self, owner) -> tuple[int, ...]:
         if isinstance(owner, int):
             return ()
-        return self._block_layout[id(owner)].view_shape
+        return self._placements[id(owner)].view_shape
 
     # -- the step -----------------------------------------------------------------------
 
@@ -515,7 +507,7 @@ class MetaOptimize(Optimizer):
         if self.skip_nonfinite:
             self._step_unless_nonfinite()
         else:
-            self._hessian_free_step()
+            hessian_free.step(self._plan(), self.param_groups, self._kernels, self.base_rule, self.meta_rule)
         return loss
 
     def _step_keeping_hessian(self, closure: Callable[[], Any] | None, hessian_diagonal: dict[Tensor, Tensor] | None):
@@ -527,7 +519,7 @@ class MetaOptimize(Optimizer):
                 loss = closure()  # builds the gradients' graph for the Hessian-vector products
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             return loss
-        layout = self._block_layout
+        layout = self._placements
         everything = [p for group in self.param_groups for p in group["params"]]
         numbered = {layout[id(p)].number: layout[id(p)] for p in everything}
         blocks = [numbered[number] for number in range(len(numbered))]  # Param.block is the index in this list
@@ -552,12 +544,7 @@ class MetaOptimize(Optimizer):
         params = list(chain.from_iterable(groups))
         if not params:
             return
-        # so that the lazily created state, and the flat buffers that replace it, are in the copy
-        if GRANULARITIES[self.blocks].flat == "node":
-            self._prepare_nodes()
-        for index, group_params in enumerate(groups):
-            if group_params:
-                self._prepare(index, group_params)
+        step_plan = self._plan()  # creates the state and the flat buffers, so that they are in the copy
         finite = torch.stack([p.grad.isfinite().all() for p in params]).all()
         written = list(params)
         for p in params:
@@ -565,7 +552,7 @@ class MetaOptimize(Optimizer):
         for group in self.param_groups:
             written += [value for key, value in group.items() if _is_meta_key(key) and isinstance(value, Tensor)]
         before = [tensor.clone() for tensor in written]
-        self._hessian_free_step()
+        hessian_free.step(step_plan, self.param_groups, self._kernels, self.base_rule, self.meta_rule)
         for tensor, old in zip(written, before):
             tensor.copy_(torch.where(finite, tensor, old))
 
@@ -576,13 +563,13 @@ class MetaOptimize(Optimizer):
             state = self.state[p]
             if "trace" not in state:
                 self._init_param(p, state, trace_columns)
-            block = self._block_layout[id(p)]
+            block = self._placements[id(p)]
             owner_state = self._owner_state(block.owner)
             if "beta" not in owner_state:
                 alpha0 = self.param_groups[block.meta_group]["alpha0"]
                 if alpha0 == "auto":
                     if block.group not in auto_alpha0:
-                        group_params = [q for q in params if self._block_layout[id(q)].group == block.group]
+                        group_params = [q for q in params if self._placements[id(q)].group == block.group]
                         auto_alpha0[block.group] = self._auto_alpha0(group_params)
                     alpha0 = auto_alpha0[block.group]
                 self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
@@ -601,7 +588,7 @@ class MetaOptimize(Optimizer):
         dtype = _meta_dtype(with_grads[0].dtype)
         squares = torch.zeros(3, dtype=dtype, device=with_grads[0].device)  # |w|^2, |d|^2, |g|^2
         for p in with_grads:
-            group = self.param_groups[self._block_layout[id(p)].group]
+            group = self.param_groups[self._placements[id(p)].group]
             g = p.grad.to(dtype)
             moments = {name: torch.zeros_like(g) for name in self.base_rule.moment_names}
             hp = {key: group[key] for key in self.base_rule.hyperparameters}
@@ -613,226 +600,35 @@ class MetaOptimize(Optimizer):
         alpha0 = torch.where(norm_d > 0, AUTO_FIRST_MOVE * norm_w / norm_d, 0.0).nan_to_num(0.0, 0.0, 0.0)
         return alpha0.clamp(AUTO_ALPHA0_FLOOR, ALPHA0_RANGE[1])
 
-    def _prepare(self, index: int, params: list[Tensor]) -> list[tuple[list[Tensor], flat.Partition | None]] | None:
-        """Create the state of ``params`` (the group's parameters with gradients); with the flat kernel,
-        their partitions (:mod:`metaopt.flat`), built when this set of parameters first steps."""
-        uses_flat = (
-            self._kernels[index].flat_update is not None and GRANULARITIES[self.blocks].flat != "node"
-            and not torch.compiler.is_compiling()
-        )
-        if not uses_flat:
-            self._init_states(params)
-            return None
-        key = tuple(map(id, params))
-        cached = self._partitions.get(index)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        fresh = {id(p) for p in params if "trace" not in self.state[p]}
-        self._init_states(params)
-        built = []
-        for members in flat.partitions(params):
-            if not flat.pays_off(members):
-                built.append((members, None))
-                continue
-            built.append((members, flat.build(
-                members, [self.state[p] for p in members], self.base_rule.moment_names, self.meta_rule.moment_names,
-                blocks=GRANULARITIES[self.blocks].flat, fresh=all(id(p) in fresh for p in members),
-            )))
-        self._partitions[index] = (key, built)
-        return built
-
-    def _prepare_nodes(self) -> flat.Nodes | None:
-        """With the flat kernel and nodewise blocks: the state of every parameter with a gradient in
-        flat buffers (:class:`metaopt.flat.Nodes`), built when this set of parameters first steps.
-        ``None`` (the foreach kernel) under torch.compile, for parameters of several devices or
-        dtypes, for large tensors on a CPU (:func:`metaopt.flat.pays_off`), when a block's owner
-        has no gradient, or when counters differ."""
-        if self._kernels[0].flat_update is None or torch.compiler.is_compiling():
-            return None
+    def _plan(self) -> plan.Plan:
+        """The plan of this step (:mod:`metaopt.plan`), with the state of every parameter with a
+        gradient created; kept while the parameters with gradients, their dtypes and their shapes
+        stay the same (built at every traced step under torch.compile, where it stays per tensor)."""
         groups = [(index, [p for p in group["params"] if p.grad is not None]) for index, group in enumerate(self.param_groups)]
         groups = [(index, params) for index, params in groups if params]
+        compiling = torch.compiler.is_compiling()
         key = tuple((index, tuple(map(id, params))) for index, params in groups)
-        if self._nodes is not None and self._nodes[0] == key:
-            return self._nodes[1]
-        params = [p for _, group_params in groups for p in group_params]
-        fresh = all("trace" not in self.state[p] for p in params)
-        for _, group_params in groups:
-            self._init_states(group_params)
-        layout = self._block_layout
-        owners = sorted({id(layout[id(p)].owner): layout[id(p)].owner for p in params}.values(),
-                        key=lambda owner: (layout[id(owner)].meta_group, layout[id(owner)].number))
-        built = None
-        with_grads = {id(p) for p in params}
-        one_kind = params and len({(p.device, p.dtype) for p in params}) == 1
-        if one_kind and flat.pays_off(params) and all(id(owner) in with_grads for owner in owners):
-            offsets, start = {}, 0
-            for owner in owners:
-                offsets[id(owner)] = start
-                start += self.state[owner]["beta"].numel()
-            device = params[0].device
-
-            def rows(p: Tensor) -> Tensor:  # the rows of the block of each element of p, row-major
-                block = layout[id(p)]
-                owned = torch.arange(self.state[block.owner]["beta"].numel(), device=device) + offsets[id(block.owner)]
-                return owned.view(block.view_shape).expand(p.shape).reshape(-1)
-
-            built = flat.build_nodes(
-                [(index, group_params, [self.state[p] for p in group_params], [rows(p) for p in group_params])
-                 for index, group_params in groups],
-                [(layout[id(owner)].meta_group, self.state[owner]) for owner in owners],
-                self.base_rule.moment_names, self.meta_rule.moment_names, fresh=fresh,
-            )
-        self._nodes = (key, built)
+        cached = self._cached_plan
+        if cached is not None and cached.key == key and not compiling:
+            return cached
+        fresh = {id(p) for _, params in groups for p in params if "trace" not in self.state[p]}
+        for _, params in groups:
+            self._init_states(params)
+        granularity = GRANULARITIES[self.blocks]
+        context = plan.Context(
+            self.param_groups, self.state, self._placements, self._owner_state, granularity.segment_kind,
+            self._kernels[0].flat and not compiling, self.base_rule.moment_names, self.meta_rule.moment_names,
+        )
+        built = plan.build(context, groups, key, fresh, None if compiling else cached)
+        if not compiling:
+            self._cached_plan = built
         return built
-
-    def _nodewise_flat_step(self, nodes: flat.Nodes) -> None:
-        """:meth:`_hessian_free_step` on the flat buffers of :class:`metaopt.flat.Nodes`."""
-        beta = nodes.meta["beta"]
-        meta_grads = torch.zeros_like(beta)
-        for index, partition in nodes.partitions:
-            group = self.param_groups[index]
-            partition.gather()
-            meta_grads.index_add_(0, partition.rows, partition.meta_grads().to(beta.dtype))
-            step_sizes = partition.per_element(_step_sizes(group["lr"], beta))
-            partition.steps.add_(1)
-            self._kernels[index].flat_update(
-                [partition.weights], [partition.grads], [partition.trace],
-                {name: [partition.moments[name]] for name in self.base_rule.moment_names},
-                [partition.step], [step_sizes],
-                rule=self.base_rule, hp={key: group[key] for key in self.base_rule.hyperparameters},
-                weight_decay=group["weight_decay"], gamma=group["gamma"],
-            )
-            partition.scatter()
-        nodes.meta_steps.add_(1)
-        for meta_group, rows in nodes.ranges:
-            group = self.param_groups[meta_group]
-            self._kernels[meta_group].flat_meta_update(
-                [beta[rows]], [meta_grads[rows]],
-                {name: [nodes.meta[f"meta_{name}"][rows]] for name in self.meta_rule.moment_names},
-                [nodes.meta_step],
-                rule=self.meta_rule,
-                hp={key: group[f"meta_{key}"] for key in self.meta_rule.hyperparameters},
-                meta_lr=group["meta_lr"],
-                meta_weight_decay=group["meta_weight_decay"],
-            )
-
-    def _hessian_free_step(self) -> None:
-        if GRANULARITIES[self.blocks].flat == "node":
-            nodes = self._prepare_nodes()
-            if nodes is not None:
-                self._nodewise_flat_step(nodes)
-                return
-        layout = self._block_layout
-        # The step size of each block in each param group that uses it, and each block's
-        # meta-gradient terms (by block number), summed after the loop.
-        step_sizes_of: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
-        terms_of: dict[int, tuple[dict[str, Any], int, list[Tensor]]] = {}
-        flat_meta_updates: list[tuple[int, flat.Partition, Tensor]] = []  # (group, partition, z) of per-tensor blocks
-
-        def step_size_of(block: Block, index: int) -> Tensor:
-            key = (block.number, index, block.view_shape)
-            if key not in step_sizes_of:
-                step_sizes_of[key] = _step_sizes(self.param_groups[index]["lr"], self._owner_state(block.owner)["beta"])
-                if step_sizes_of[key].shape != block.view_shape:
-                    step_sizes_of[key] = step_sizes_of[key].view(block.view_shape)
-            return step_sizes_of[key]
-
-        def add_terms(block: Block, z: Tensor) -> None:
-            owner_state = self._owner_state(block.owner)
-            beta = owner_state["beta"]
-            if z.dim() != beta.dim():  # nodewise: (rows, 1, ..., 1) terms of a (rows,) beta
-                z = z.view(beta.shape)
-            terms_of.setdefault(block.number, (owner_state, block.meta_group, []))[2].append(z.to(beta.dtype))
-
-        for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            hyperparameters = dict(
-                rule=self.base_rule,
-                hp={key: group[key] for key in self.base_rule.hyperparameters},
-                weight_decay=group["weight_decay"],
-                gamma=group["gamma"],
-            )
-            partitions = self._prepare(index, params)
-            if partitions is not None:
-                unflattened = []
-                for members, partition in partitions:
-                    if partition is None:  # large tensors on a CPU, or counters that differ: the foreach kernel
-                        unflattened += members
-                        continue
-                    partition.gather()
-                    z = partition.meta_grads()
-                    if partition.meta is None:  # one step size for the whole partition (scalar, param_group)
-                        block = layout[id(members[0])]
-                        step_sizes = step_size_of(block, index)
-                        add_terms(block, z)
-                    else:  # one per tensor (layerwise) or per weight (weightwise), updated below
-                        step_sizes = partition.per_element(_step_sizes(group["lr"], partition.meta["beta"]))
-                        flat_meta_updates.append((index, partition, z))
-                    partition.steps.add_(1)
-                    self._kernels[index].flat_update(
-                        [partition.weights], [partition.grads], [partition.trace],
-                        {name: [partition.moments[name]] for name in self.base_rule.moment_names},
-                        [partition.step], [step_sizes], **hyperparameters,
-                    )
-                    partition.scatter()
-                params = unflattened
-                if not params:
-                    continue
-            blocks = [layout[id(p)] for p in params]
-            states = [self.state[p] for p in params]
-            contributions = self._kernels[index].base_update(
-                params,
-                [p.grad for p in params],
-                [s["trace"] for s in states],
-                {name: [s[name] for s in states] for name in self.base_rule.moment_names},
-                [s["step"] for s in states],
-                [step_size_of(block, index) for block in blocks],
-                [block.view_shape for block in blocks],
-                **hyperparameters,
-            )
-            for block, z in zip(blocks, contributions):
-                add_terms(block, z)
-
-        # Meta update, once per block, after every base update used the old step sizes; a
-        # block's terms are summed by one reduction.
-        by_group: dict[int, list] = {}
-        for owner_state, meta_group, terms in terms_of.values():
-            z = terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
-            by_group.setdefault(meta_group, []).append((owner_state, z))
-        for index, partition, z in flat_meta_updates:  # the blocks of a flat partition, as one tensor
-            group = self.param_groups[index]
-            partition.meta_steps.add_(1)
-            self._kernels[index].flat_meta_update(
-                [partition.meta["beta"]],
-                [z.to(partition.meta["beta"].dtype)],
-                {name: [partition.meta[f"meta_{name}"]] for name in self.meta_rule.moment_names},
-                [partition.meta_step],
-                rule=self.meta_rule,
-                hp={key: group[f"meta_{key}"] for key in self.meta_rule.hyperparameters},
-                meta_lr=group["meta_lr"],
-                meta_weight_decay=group["meta_weight_decay"],
-            )
-        for meta_group, entries in by_group.items():
-            group = self.param_groups[meta_group]
-            owner_states = [owner_state for owner_state, _ in entries]
-            self._kernels[meta_group].meta_update(
-                [s["beta"] for s in owner_states],
-                [z for _, z in entries],
-                {name: [s[f"meta_{name}"] for s in owner_states] for name in self.meta_rule.moment_names},
-                [s["meta_step"] for s in owner_states],
-                rule=self.meta_rule,
-                hp={key: group[f"meta_{key}"] for key in self.meta_rule.hyperparameters},
-                meta_lr=group["meta_lr"],
-                meta_weight_decay=group["meta_weight_decay"],
-            )
 
     # -- reading the step sizes -----------------------------------------------------------
 
     def step_size(self, p: Tensor) -> Tensor:
         """The current step size ``lr * exp(beta)`` of ``p``, broadcastable to ``p`` (no host sync)."""
-        block = self._block_layout[id(p)]
+        block = self._placements[id(p)]
         owner_state = self._owner_state(block.owner)
         if "beta" in owner_state:
             alpha = self.approx.step_size(owner_state["beta"]).view(block.view_shape)
@@ -853,7 +649,7 @@ class MetaOptimize(Optimizer):
         for index, group in enumerate(self.param_groups):
             param_names = group.get("param_names") or [f"group{index}.param{j}" for j in range(len(group["params"]))]
             for p, param_name in zip(group["params"], param_names):
-                owner = self._block_layout[id(p)].owner
+                owner = self._placements[id(p)].owner
                 key = ("group", owner) if isinstance(owner, int) else ("param", id(owner))
                 if key in seen:
                     continue

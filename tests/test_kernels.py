@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from metaopt import BASES, BLOCKS, METAS, MetaOptimize, flat
+from metaopt import BASES, BLOCKS, METAS, MetaOptimize, plan
 from metaopt.optimizer import VARIANTS
 from metaopt.kernels import KERNELS
 
@@ -286,7 +286,7 @@ def test_on_a_cpu_large_tensors_keep_the_foreach_kernel():
     """Above CPU_MAX_MEAN_NUMEL elements a tensor on average the copies into flat buffers cost
     more than they save (metaopt/flat.py): such a param group keeps each tensor's own state."""
     small = [nn.Parameter(torch.randn(8)) for _ in range(3)]
-    large = [nn.Parameter(torch.randn(flat.CPU_MAX_MEAN_NUMEL + 1)) for _ in range(2)]
+    large = [nn.Parameter(torch.randn(plan.CPU_MAX_MEAN_NUMEL + 1)) for _ in range(2)]
     optimizer = MetaOptimize([{"params": small}, {"params": large}], "adamw", "lion", kernel="flat")
     for p in small + large:
         p.grad = torch.randn_like(p)

@@ -1,0 +1,74 @@
+r"""The Hessian-free step (Algorithm 3 of the paper), written once for every kernel and layout.
+
+One step over a :class:`metaopt.plan.Plan`, with :math:`g` in ``p.grad`` and the trace :math:`h`:
+
+1. per segment, the meta-gradient terms :math:`h \cdot g` with the trace from before the step,
+   summed over each block;
+2. per segment, the base update :math:`\Delta w = -\alpha (d(g) + \kappa w)` with the step sizes from
+   before the meta update, and the trace :math:`h \leftarrow \gamma (1 - \kappa\alpha) h + \Delta w`;
+3. per meta segment, once every base update has used the old step sizes, the meta update of its
+   blocks' :math:`\beta` with their summed terms.
+
+The arithmetic is the kernel's (:mod:`metaopt.kernels`), where the state lives the plan's
+(:mod:`metaopt.plan`). Nothing is read back to the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import torch
+from torch import Tensor
+
+from metaopt.plan import Plan
+
+
+def scaled_step_sizes(lr: float | Tensor, beta: Tensor) -> Tensor:
+    """``lr * exp(beta)``; the product skipped for the default ``lr`` of 1.0, exactly equal."""
+    if isinstance(lr, float) and lr == 1.0:
+        return torch.exp(beta)
+    return lr * torch.exp(beta)
+
+
+def _step_sizes_of(lr: float | Tensor, index: int, memo: dict) -> Callable[[Hashable, tuple[int, ...], Tensor], Tensor]:
+    """The step sizes of a block for param group ``index``, viewed to broadcast as ``view_shape``:
+    computed once per block, group and view in a step (the kernels share them between tensors)."""
+
+    def of(block: Hashable, view_shape: tuple[int, ...], beta: Tensor) -> Tensor:
+        key = (block, index, view_shape)
+        if key not in memo:
+            alphas = scaled_step_sizes(lr, beta)
+            memo[key] = alphas.view(view_shape) if alphas.shape != view_shape else alphas
+        return memo[key]
+
+    return of
+
+
+def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rule, meta_rule) -> None:
+    """One Hessian-free step of every segment and meta segment of ``plan``; ``kernels``: each param group's."""
+    terms: dict[Hashable, list[Tensor]] = {}
+    memo: dict = {}
+    for segment in plan.segments:
+        index = segment.group
+        group, kernel = param_groups[index], kernels[index]
+        grads = segment.gather()
+        for block, z in zip(segment.blocks, segment.meta_grads(kernel, grads)):
+            terms.setdefault(block, []).append(z)
+        step_sizes = segment.step_sizes(_step_sizes_of(group["lr"], index, memo))
+        torch._foreach_add_(segment.counters, 1)
+        kernel.update(
+            segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,
+            rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
+            weight_decay=group["weight_decay"], gamma=group["gamma"],
+        )
+        segment.scatter()
+    # a block's terms are summed by one reduction
+    sums = {block: zs[0] if len(zs) == 1 else torch.stack(zs).sum(0) for block, zs in terms.items()}
+    for meta in plan.meta_segments:
+        group = param_groups[meta.group]
+        torch._foreach_add_(meta.counters, 1)
+        kernels[meta.group].meta_update(
+            meta.betas, meta.meta_grads(sums), meta.moments, meta.steps,
+            rule=meta_rule, hp={key: group[f"meta_{key}"] for key in meta_rule.hyperparameters},
+            meta_lr=group["meta_lr"], meta_weight_decay=group["meta_weight_decay"],
+        )
