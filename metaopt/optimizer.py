@@ -8,10 +8,8 @@ the equations of both variants (``standard`` and the authors' ``released`` code)
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
-import warnings
 from itertools import chain
 from typing import Any, Callable, Iterable
 
@@ -19,10 +17,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaopt import hessian, hessian_free, plan
+from metaopt import hessian, hessian_free, hyperparameters, plan
 from metaopt.granularity import BLOCKS, GRANULARITIES, Placement, node_weights
 from metaopt.kernels import KERNELS, Kernel
-from metaopt.rules import BASES, METAS, RULES, VARIANTS, Rule
+from metaopt.rules import BASES, METAS, VARIANTS, Rule  # noqa: F401  (BASES, METAS, VARIANTS: imported from here by the tests and the harness)
 
 _OLD_DYNAMO = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
@@ -32,47 +30,6 @@ def _is_meta_key(key: str) -> bool:
     """Keys kept in float32 (or wider) whatever the parameter's dtype, so that a bf16 model
     still learns its step sizes precisely: the step counters and the whole meta state."""
     return key in ("step", "beta") or key.startswith("meta_")
-
-# The keys each block takes from one param group (its meta group): the block's initial step size
-# and its meta update (with the meta rule's hyper-parameters). Groups that share a block must agree on them.
-BLOCK_KEYS = ("alpha0", "meta_lr", "meta_weight_decay")
-# alpha0 outside this range under- or overflows exp(beta) in float32 at once (step size 0 or inf)
-ALPHA0_RANGE = (1e-30, 1e3)
-# alpha0="auto": the first step moves the weights by this fraction of their norm. The estimate is
-# kept in [AUTO_ALPHA0_FLOOR, ALPHA0_RANGE[1]]; the floor, the paper's alpha0, is where it ends up when
-# the weights are all zero or the first gradients are (then the meta update grows it as in the paper).
-AUTO_FIRST_MOVE = 1e-2
-AUTO_ALPHA0_FLOOR = 1e-6
-# Keywords of other optimizers that users pass out of habit, and what MetaOptimize calls them
-_OTHER_OPTIMIZERS_KEYWORDS = {
-    "betas": "MetaOptimize takes AdamW's betas as momentum= (beta1) and normalizer= (beta2)",
-    "learning_rate": "MetaOptimize learns its step size: alpha0= is where it starts ('auto' by default)",
-    "initial_lr": "MetaOptimize learns its step size: alpha0= is where it starts ('auto' by default)",
-}
-# The driver's hyper-parameters (the rules carry theirs): (lowest, highest, whether the highest is allowed)
-_RANGES = {
-    "weight_decay": (0.0, math.inf, False),
-    "meta_weight_decay": (0.0, math.inf, False),
-    "gamma": (0.0, 1.0, True),
-    "meta_lr": (0.0, math.inf, False),
-    "lr": (0.0, math.inf, False),
-}
-
-
-def _meta_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _warn_if_lr_is_a_step_size(lr: float | Tensor, where: str) -> None:
-    """``lr`` multiplies the learned step size: ``lr=1e-3`` out of habit would give steps of 1e-3 times it."""
-    if isinstance(lr, (int, float)) and lr != 1.0:
-        warnings.warn(
-            f"MetaOptimize got lr={lr!r}{where}: lr multiplies the learned step size (a scheduler's handle, "
-            f"1.0 by default), it is not a step size. To start from a step size of {lr!r}, pass alpha0={lr!r} "
-            "and leave lr at 1.0",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 class MetaOptimize(Optimizer):
@@ -201,141 +158,51 @@ class MetaOptimize(Optimizer):
         skip_nonfinite: bool = False,
         **rule_hyperparameters: float,
     ):
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}: variant must be one of {list(VARIANTS)}")
-        base_rules, meta_rules = VARIANTS[variant]
-        if isinstance(base, Rule):
-            self.base_rule = base
-        elif base in base_rules:
-            self.base_rule = RULES[base_rules[base]]
-        else:
-            raise ValueError(f"unknown base {base!r}: base must be one of {sorted(BASES)} or a metaopt.rules.Rule")
-        if meta not in meta_rules:
-            raise ValueError(f"unknown meta {meta!r}: meta must be one of {sorted(METAS)}")
-        if blocks not in BLOCKS:
-            raise ValueError(f"unknown blocks {blocks!r}: blocks must be one of {list(BLOCKS)}")
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}: kernel must be one of {list(KERNELS)}")
+        self.base_rule, self.meta_rule = hyperparameters.rules_of(base, meta, variant)
+        hyperparameters.check_choice("blocks", blocks, BLOCKS)
+        hyperparameters.check_choice("kernel", kernel, KERNELS)
         self.base, self.meta, self.blocks, self.kernel, self.variant = base, meta, blocks, kernel, variant
         if skip_nonfinite and approx != "hessian_free":
             raise ValueError("skip_nonfinite=True is implemented for approx='hessian_free'; check the loss in your "
                              "closure instead for approx='l' or '2x2'")
         self.skip_nonfinite = skip_nonfinite
-        self.meta_rule = RULES[meta_rules[meta]]
         self.approx = hessian.resolve(approx, blocks)
-        for key in rule_hyperparameters:
-            name = key[len("meta_") :] if key.startswith("meta_") else key
-            if key in _OTHER_OPTIMIZERS_KEYWORDS:
-                raise TypeError(f"MetaOptimize got an unexpected keyword argument {key!r}: {_OTHER_OPTIMIZERS_KEYWORDS[key]}")
-            if not any(name in rule.hyperparameters for rule in (*RULES.values(), self.base_rule)):
-                known = [p for p in inspect.signature(MetaOptimize).parameters if p != "rule_hyperparameters"]
-                close = difflib.get_close_matches(key, known, n=1)
-                raise TypeError(f"MetaOptimize got an unexpected keyword argument {key!r}"
-                                + (f": did you mean {close[0]!r}?" if close else ""))
-
+        known = [p for p in inspect.signature(MetaOptimize).parameters if p != "rule_hyperparameters"]
+        hyperparameters.check_keywords(rule_hyperparameters, self.base_rule, known)
         given = {
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "normalizer": normalizer,
-            "lion_interp": lion_interp,
-            "eps": eps,
-            "meta_momentum": meta_momentum,
-            "meta_normalizer": meta_normalizer,
-            "meta_lion_interp": meta_lion_interp,
-            "meta_eps": meta_eps,
+            "weight_decay": weight_decay, "momentum": momentum, "normalizer": normalizer, "lion_interp": lion_interp,
+            "eps": eps, "meta_momentum": meta_momentum, "meta_normalizer": meta_normalizer,
+            "meta_lion_interp": meta_lion_interp, "meta_eps": meta_eps,
             **rule_hyperparameters,  # those of a rule added to metaopt.rules beyond the keywords above
         }
-        defaults = {
-            "lr": lr,
-            "alpha0": alpha0,
-            "meta_lr": self.meta_rule.meta_lr if meta_lr is None else meta_lr,
-            "gamma": gamma,
-            "meta_weight_decay": meta_weight_decay,
-            **self._rule_defaults(),
-        }
-        for key, value in given.items():
-            if value is None:
-                continue
-            if key not in defaults:
-                raise ValueError(self._not_applicable(key))
-            defaults[key] = value
-        self._check(defaults, "")
-        _warn_if_lr_is_a_step_size(lr, "")
+        driver = {"lr": lr, "alpha0": alpha0, "meta_lr": meta_lr, "gamma": gamma, "meta_weight_decay": meta_weight_decay}
+        defaults = hyperparameters.defaults(driver, given, self.base_rule, self.meta_rule, self._base_name(), meta)
+        hyperparameters.warn_if_lr_is_a_step_size(lr, "")
         self._placements: dict[int, Placement] = {}  # id(p) -> where its step sizes live
         self._kernels: list[Kernel] = []  # per param group
         self._cached_plan: plan.Plan | None = None  # the last step's plan, see _plan
+        self._checked_lrs: dict[int, Any] = {}  # param group -> its lr last checked (hyperparameters.check_lrs)
         super().__init__(params, defaults)
-
-    # -- hyper-parameters ---------------------------------------------------------------
-
-    def _rule_defaults(self) -> dict[str, float]:
-        """The hyper-parameters the chosen rules use, with the paper's defaults."""
-        defaults = {"weight_decay": self.base_rule.weight_decay, **self.base_rule.hyperparameters}
-        defaults.update({f"meta_{key}": value for key, value in self.meta_rule.hyperparameters.items()})
-        return defaults
-
-    def _not_applicable(self, key: str) -> str:
-        if key.startswith("meta_"):
-            users = [m for m, r in METAS.items() if key[len("meta_") :] in RULES[r].hyperparameters]
-            return f"{key} does not apply to meta {self.meta!r}; it applies to meta in {users}"
-        users = [b for b, r in BASES.items() if key in RULES[r].hyperparameters]
-        return f"{key} does not apply to base {self._base_name()!r}; it applies to base in {users}"
-
-    def _check(self, hyperparameters: dict[str, Any], where: str) -> None:
-        """Raise ValueError naming the argument and its allowed values."""
-        alpha0 = hyperparameters.get("alpha0")
-        low, high = ALPHA0_RANGE
-        if alpha0 is not None and alpha0 != "auto" and not (
-            isinstance(alpha0, (int, float)) and not isinstance(alpha0, bool) and low <= alpha0 <= high
-        ):
-            raise ValueError(
-                f"alpha0{where} must be a number in [{low}, {high}] (outside it exp(beta) is 0 or inf in float32) "
-                f"or 'auto', got {alpha0!r}"
-            )
-        for key, value in hyperparameters.items():
-            if key in _RANGES:
-                allowed = _RANGES[key]
-            elif key.startswith("meta_"):
-                allowed = self.meta_rule.range_of(key[len("meta_") :])
-            else:
-                allowed = self.base_rule.range_of(key)
-            if allowed is None or isinstance(value, Tensor):
-                continue
-            low, high, high_allowed = allowed
-            if (
-                not isinstance(value, (int, float))
-                or isinstance(value, bool)
-                or not (low <= value < high or (high_allowed and value == high))
-            ):
-                interval = f"({0.0}, {high})" if low == math.ulp(0.0) else f"[{low}, {high}{']' if high_allowed else ')'}"
-                raise ValueError(f"{key}{where} must be in {interval}, got {value!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # a copy: the group gets the defaults and the block state, and the caller's dict stays as it was,
         # so that the same list of groups can build another optimizer
         param_group = dict(param_group)
-        reserved = {"base", "meta", "blocks", "kernel"} & param_group.keys()
-        if reserved:
-            raise ValueError(f"{sorted(reserved)} cannot differ between param groups; pass them to MetaOptimize(...)")
-        rule_keys = {"weight_decay", *chain.from_iterable(rule.hyperparameters for rule in RULES.values())}
-        rule_keys |= {f"meta_{key}" for key in rule_keys}
-        for key in param_group.keys() & rule_keys:
-            if key not in self.defaults:
-                raise ValueError(self._not_applicable(key) + f" (set in param group {len(self.param_groups)})")
-        unknown = set(param_group) - set(self.defaults) - {"params", "param_names", "block"}
-        if unknown:
-            raise ValueError(
-                f"param group {len(self.param_groups)} sets {sorted(unknown)}, which MetaOptimize(base={self._base_name()!r}, "
-                f"meta={self.meta!r}) does not use; a group may set {sorted(self.defaults)} and 'block'"
-            )
-        self._check(param_group, f" of param group {len(self.param_groups)}")
-        if "lr" in param_group:
-            _warn_if_lr_is_a_step_size(param_group["lr"], f" in param group {len(self.param_groups)}")
+        index = len(self.param_groups)
+        hyperparameters.check_param_group(param_group, index, self.defaults, self.base_rule, self.meta_rule,
+                                          self._base_name(), self.meta)
         super().add_param_group(param_group)
+        try:
+            plan.check_params(self.param_groups[-1], index)
+        except TypeError:
+            self.param_groups.pop()
+            raise
         self._placements = self._place()
-        self._check_shared_blocks()
+        hyperparameters.check_shared_blocks(self._placements, self.param_groups, self.meta_rule,
+                                            GRANULARITIES[self.blocks].shares, self.blocks)
         self._kernels.append(KERNELS[self.kernel]())
         self._cached_plan = None
+        self._checked_lrs[index] = hyperparameters.lr_mark(self.param_groups[-1]["lr"])
 
     # -- pickling and checkpoints ---------------------------------------------------------
 
@@ -357,7 +224,7 @@ class MetaOptimize(Optimizer):
         super().__setstate__(state)
         self._placements = self._place()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
-        self._cached_plan = None
+        self._cached_plan, self._checked_lrs = None, {}
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -436,20 +303,6 @@ class MetaOptimize(Optimizer):
             layout[key] = block._replace(number=numbers.setdefault(owner, len(numbers)))
         return layout
 
-    def _check_shared_blocks(self) -> None:
-        """A block takes alpha0 and its meta hyper-parameters from one group: refuse a group whose
-        own values would be ignored, rather than ignore them."""
-        for block in self._placements.values():
-            group, meta_group = self.param_groups[block.group], self.param_groups[block.meta_group]
-            for key in (*BLOCK_KEYS, *(f"meta_{name}" for name in self.meta_rule.hyperparameters)):
-                if key in group and group[key] != meta_group[key]:
-                    shared = GRANULARITIES[self.blocks].shares
-                    raise ValueError(
-                        f"param group {block.group} sets {key}={group[key]!r} but shares its step sizes with param "
-                        f"group {block.meta_group} ({key}={meta_group[key]!r}): blocks={self.blocks!r} learns {shared}. "
-                        f"Give the groups the same {key}, or use blocks='param_group' with distinct 'block' names"
-                    )
-
     def _owner_state(self, owner) -> dict[str, Any]:
         return self.param_groups[owner] if isinstance(owner, int) else self.state[owner]
 
@@ -461,7 +314,7 @@ class MetaOptimize(Optimizer):
     # -- the step -----------------------------------------------------------------------
 
     def _init_param(self, p: Tensor, state: dict[str, Any], trace_columns: int) -> None:
-        state["step"] = torch.zeros((), dtype=_meta_dtype(p.dtype), device=p.device)
+        state["step"] = torch.zeros((), dtype=hyperparameters.meta_dtype(p.dtype), device=p.device)
         if trace_columns == 1:
             state["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         else:  # approx "l" / "2x2" with hessian="hvp": one column of H per step-size block
@@ -470,7 +323,7 @@ class MetaOptimize(Optimizer):
             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _init_block(self, owner_state: dict[str, Any], shape, alpha0: float | Tensor, like: Tensor) -> None:
-        dtype = _meta_dtype(like.dtype)
+        dtype = hyperparameters.meta_dtype(like.dtype)
         if isinstance(alpha0, Tensor):  # estimated by alpha0="auto", on the device
             beta = self.approx.initial_beta(alpha0.to(device=like.device, dtype=dtype))
             owner_state["beta"] = beta.expand(shape).clone()
@@ -504,6 +357,8 @@ class MetaOptimize(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not torch.compiler.is_compiling():  # a traced step reads its lr where it is traced
+            hyperparameters.check_lrs(self.param_groups, self._checked_lrs)
         if self.skip_nonfinite:
             self._step_unless_nonfinite()
         else:
@@ -584,8 +439,8 @@ class MetaOptimize(Optimizer):
         Computed on the device: no host sync."""
         with_grads = [p for p in params if p.grad is not None]
         if not with_grads:
-            return torch.tensor(AUTO_ALPHA0_FLOOR)
-        dtype = _meta_dtype(with_grads[0].dtype)
+            return torch.tensor(hyperparameters.AUTO_ALPHA0_FLOOR)
+        dtype = hyperparameters.meta_dtype(with_grads[0].dtype)
         squares = torch.zeros(3, dtype=dtype, device=with_grads[0].device)  # |w|^2, |d|^2, |g|^2
         for p in with_grads:
             group = self.param_groups[self._placements[id(p)].group]
@@ -597,8 +452,8 @@ class MetaOptimize(Optimizer):
             squares += norms.to(squares.device)
         norm_w, norm_d, norm_g = squares.sqrt().unbind()
         norm_d = torch.where(norm_d > 0, norm_d, norm_g)
-        alpha0 = torch.where(norm_d > 0, AUTO_FIRST_MOVE * norm_w / norm_d, 0.0).nan_to_num(0.0, 0.0, 0.0)
-        return alpha0.clamp(AUTO_ALPHA0_FLOOR, ALPHA0_RANGE[1])
+        alpha0 = torch.where(norm_d > 0, hyperparameters.AUTO_FIRST_MOVE * norm_w / norm_d, 0.0).nan_to_num(0.0, 0.0, 0.0)
+        return alpha0.clamp(hyperparameters.AUTO_ALPHA0_FLOOR, hyperparameters.ALPHA0_RANGE[1])
 
     def _plan(self) -> plan.Plan:
         """The plan of this step (:mod:`metaopt.plan`), with the state of every parameter with a
@@ -607,10 +462,14 @@ class MetaOptimize(Optimizer):
         groups = [(index, [p for p in group["params"] if p.grad is not None]) for index, group in enumerate(self.param_groups)]
         groups = [(index, params) for index, params in groups if params]
         compiling = torch.compiler.is_compiling()
-        key = tuple((index, tuple(map(id, params))) for index, params in groups)
+        key = (tuple((index, tuple(map(id, params))) for index, params in groups), None if compiling else plan.signature(groups))
         cached = self._cached_plan
         if cached is not None and cached.key == key and not compiling:
             return cached
+        plan.check_step_inputs(self.param_groups, groups, self.state)
+        # zero-element parameters have nothing to update (and no rows or weights to hold step sizes)
+        groups = [(index, [p for p in params if p.numel()]) for index, params in groups]
+        groups = [(index, params) for index, params in groups if params]
         fresh = {id(p) for _, params in groups for p in params if "trace" not in self.state[p]}
         for _, params in groups:
             self._init_states(params)
@@ -635,7 +494,7 @@ class MetaOptimize(Optimizer):
         else:  # before the block's first step; alpha0="auto" is estimated there: NaN until then
             alpha0 = self.param_groups[block.meta_group]["alpha0"]
             alpha0 = math.nan if alpha0 == "auto" else alpha0
-            alpha = torch.full(block.view_shape, alpha0, dtype=_meta_dtype(p.dtype), device=p.device)
+            alpha = torch.full(block.view_shape, alpha0, dtype=hyperparameters.meta_dtype(p.dtype), device=p.device)
         return self.param_groups[block.group]["lr"] * alpha
 
     def step_sizes(self) -> dict[str, float]:
@@ -649,6 +508,8 @@ class MetaOptimize(Optimizer):
         for index, group in enumerate(self.param_groups):
             param_names = group.get("param_names") or [f"group{index}.param{j}" for j in range(len(group["params"]))]
             for p, param_name in zip(group["params"], param_names):
+                if granularity.logs_range and not p.numel():
+                    continue  # a zero-element parameter has no step sizes of its own
                 owner = self._placements[id(p)].owner
                 key = ("group", owner) if isinstance(owner, int) else ("param", id(owner))
                 if key in seen:

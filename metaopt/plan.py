@@ -48,6 +48,7 @@ dtypes, shapes or devices change (:meth:`metaopt.MetaOptimize._plan`), and under
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable, Hashable, NamedTuple
 
 import torch
@@ -376,3 +377,57 @@ def build(context: Context, groups: list[tuple[int, list[Tensor]]], key: Any, fr
             by_group[index] = (group_key, _group_segments(context, index, params, fresh))
         segments += by_group[index][1]
     return Plan(key, segments, _meta_segments(context, segments), by_group)
+
+
+# -- what a step cannot take ---------------------------------------------------------------------
+
+
+def _name(group: dict[str, Any], index: int, position: int) -> str:
+    names = group.get("param_names")
+    return repr(names[position]) if names else f"param_groups[{index}]['params'][{position}]"
+
+
+def check_params(group: dict[str, Any], index: int) -> None:
+    """TypeError for a parameter that MetaOptimize cannot update: a complex one (its step sizes and
+    its moments would be complex, not the rules' real ones)."""
+    for position, p in enumerate(group["params"]):
+        if p.is_complex():
+            raise TypeError(
+                f"parameter {_name(group, index, position)} is complex ({p.dtype}): MetaOptimize learns real step "
+                "sizes for real weights. Optimize its real and imaginary parts as a real parameter instead, "
+                "e.g. nn.Parameter(torch.view_as_real(z)) with torch.view_as_complex(...) in the forward pass"
+            )
+
+
+def signature(groups: list[tuple[int, list[Tensor]]]) -> list:
+    """What the plan's segments and state were made for besides the parameters themselves: their
+    dtypes and numbers of elements, compared at every step in C loops (a few microseconds for 60
+    tensors). A gradient that becomes sparse without a change of the parameters is found when the
+    plan is next built; until then torch's own operations refuse it."""
+    return [(list(map(_DTYPE, params)), list(map(Tensor.numel, params))) for _, params in groups]
+
+
+_DTYPE = attrgetter("dtype")
+
+
+def check_step_inputs(param_groups: list[dict[str, Any]], groups: list[tuple[int, list[Tensor]]], state) -> None:
+    """Before a plan is built, and so before any work: TypeError for a sparse gradient, ValueError for a
+    parameter whose dtype or shape changed since its state was made."""
+    for index, params in groups:
+        group = param_groups[index]
+        positions = {id(p): position for position, p in enumerate(group["params"])}
+        for p in params:
+            name = _name(group, index, positions[id(p)])
+            if p.grad.layout != torch.strided:
+                raise TypeError(
+                    f"parameter {name} has a {p.grad.layout} gradient: MetaOptimize takes dense gradients. "
+                    "Use nn.Embedding(..., sparse=False), or another optimizer (torch.optim.SparseAdam) for that parameter"
+                )
+            trace = state[p].get("trace") if p in state else None
+            if trace is not None and (trace.dtype != p.dtype or trace.dim() < p.dim()
+                                      or tuple(trace.shape[trace.dim() - p.dim():]) != tuple(p.shape)):
+                raise ValueError(
+                    f"parameter {name} is now {p.dtype} of shape {tuple(p.shape)}, but its optimizer state was made for "
+                    f"{trace.dtype} of shape {tuple(trace.shape)}: convert or reshape the model before building "
+                    "MetaOptimize (model.double(), pruning), or build a new MetaOptimize after the change"
+                )

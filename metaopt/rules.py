@@ -50,29 +50,20 @@ accepts it as it is, and an entry in ``RULES`` with its name in ``BASES`` / ``ME
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
+from metaopt import hyperparameters
+
 Moments = dict[str, Tensor]
 Hyperparameters = dict[str, float]
 
 
-# (lowest allowed, highest allowed, whether the highest is allowed) of the built-in rules'
-# hyper-parameters; eps must be > 0
-RANGES: dict[str, tuple[float, float, bool]] = {
-    "momentum": (0.0, 1.0, False),
-    "normalizer": (0.0, 1.0, False),
-    "lion_interp": (0.0, 1.0, True),
-    "eps": (math.ulp(0.0), math.inf, False),
-}
-
-
 class Rule(NamedTuple):
     """A direction rule: its hyper-parameters (defaults and allowed ranges, by default those of
-    ``RANGES``), moments, two kernels, and its default weight decay as a base rule."""
+    :data:`metaopt.hyperparameters.RULE_RANGES`), moments, two kernels, and its default weight decay as a base rule."""
 
     hyperparameters: dict[str, float]
     moment_names: tuple[str, ...]
@@ -88,7 +79,7 @@ class Rule(NamedTuple):
 
     def range_of(self, name: str) -> tuple[float, float, bool] | None:
         """The allowed range of a hyper-parameter, or None when the rule sets none."""
-        return (self.ranges or {}).get(name, RANGES.get(name))
+        return hyperparameters.range_of(self, name)
 
     def directions(self, xs, moments, hp, steps) -> list[Tensor]:
         """The fast kernel, or the pure one mapped over the list when the rule has none."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from metaopt import MetaOptimize
-from metaopt.optimizer import AUTO_ALPHA0_FLOOR, AUTO_FIRST_MOVE
+from metaopt.hyperparameters import AUTO_ALPHA0_FLOOR, AUTO_FIRST_MOVE
 
 
 def make_model(dtype=torch.float64):
