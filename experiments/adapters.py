@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from metaopt import MetaOptimize
-from metaopt.blocks import param_groups_by_prefix
+from metaopt.param_groups import param_groups_by_prefix
 
 OptimizerFactory = Callable[..., Optimizer]  # a functools.partial from Hydra's `_partial_: true`
 
@@ -51,7 +51,7 @@ def make_param_groups(model: nn.Module, blocks: Any = None, no_decay: bool = Fal
     Args:
         blocks: None for one block of all parameters; a preset (``"resnet18"``, ``"llama2c"``)
             or a ``{name: [module prefixes]}`` dict for named blocks (MetaOptimize's
-            ``blocks="param_group"``), see :func:`metaopt.blocks.param_groups_by_prefix`.
+            ``blocks="param_group"``), see :func:`metaopt.param_groups.param_groups_by_prefix`.
         no_decay: put vectors and scalars (biases, norm gains) in a group with
             ``weight_decay=0``, as llama2.c and nanoGPT do.
     """

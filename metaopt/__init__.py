@@ -1,6 +1,6 @@
 """metaopt: MetaOptimize (ICML 2025) for PyTorch, with the experiments of its paper."""
 
-from metaopt.blocks import RESNET18_BLOCKS, llama2c_blocks, param_groups_by_prefix
+from metaopt.param_groups import RESNET18_BLOCKS, llama2c_blocks, param_groups_by_prefix
 from metaopt.hessian import Approximation
 from metaopt.optimizer import BLOCKS, MetaOptimize
 from metaopt.rules import BASES, METAS, RULES, Rule

@@ -90,8 +90,8 @@ class Approximation(NamedTuple):
     meta_first: bool = False
     additive: bool = False
 
-    def step_size(self, beta: Tensor) -> Tensor:
-        """``sigma(beta)``: the step size a block's ``beta`` stands for (before ``lr``)."""
+    def sigma(self, beta: Tensor) -> Tensor:
+        """``sigma(beta)`` of eq. 3: the step size a block's ``beta`` stands for (before ``lr``)."""
         return beta if self.additive else torch.exp(beta)
 
     def initial_beta(self, alpha0: float | Tensor) -> float | Tensor:
@@ -100,7 +100,7 @@ class Approximation(NamedTuple):
         return alpha0.log() if isinstance(alpha0, torch.Tensor) else math.log(alpha0)
 
 
-def resolve(approx: str | Approximation, blocks: str) -> Approximation:
+def resolve(approx: str | Approximation, granularity: str) -> Approximation:
     """The :class:`Approximation` that ``approx`` names, with ``hessian`` filled in; ValueError when
     the combination is not supported, naming what to change."""
     if isinstance(approx, str):
@@ -119,14 +119,14 @@ def resolve(approx: str | Approximation, blocks: str) -> Approximation:
             )
         return approx
     if approx.hessian is None:
-        approx = approx._replace(hessian="hvp" if GRANULARITIES[blocks].few_blocks else "diagonal")
+        approx = approx._replace(hessian="hvp" if GRANULARITIES[granularity].few_blocks else "diagonal")
     if approx.hessian not in HESSIANS:
         raise ValueError(f"unknown hessian {approx.hessian!r}: hessian must be one of {list(HESSIANS)}")
-    if approx.hessian == "hvp" and not GRANULARITIES[blocks].few_blocks:
+    if approx.hessian == "hvp" and not GRANULARITIES[granularity].few_blocks:
         raise ValueError(
             f"approx={approx.kind!r} with hessian='hvp' needs one Hessian-vector product per step-size block, "
-            f"one per {'weight' if blocks == 'weightwise' else 'output unit'} with blocks={blocks!r}: "
-            f"use hessian='diagonal' (the default for {blocks!r})"
+            f"one per {'weight' if granularity == 'weightwise' else 'output unit'} with blocks={granularity!r}: "
+            f"use hessian='diagonal' (the default for {granularity!r})"
         )
     if approx.clip_trace and approx.hessian != "diagonal":
         raise ValueError("clip_trace=True clips the diagonal decay factor of the trace: it needs hessian='diagonal'")
@@ -141,7 +141,7 @@ def resolve(approx: str | Approximation, blocks: str) -> Approximation:
 def _base_step(inputs, *, rule, hp, step, lr, weight_decay, approx):
     """``F``: one base step of one tensor, ``w - alpha (d(g) + kappa w)``, and the new moments."""
     d, moments = rule.direction(inputs["g"], {name: inputs[name] for name in rule.moment_names}, hp, step)
-    alpha = lr * approx.step_size(inputs["beta"])
+    alpha = lr * approx.sigma(inputs["beta"])
     return {"w": inputs["w"] - alpha * (d + weight_decay * inputs["w"]), **moments}
 
 
@@ -262,8 +262,20 @@ def step(
         if p.grad.grad_fn is not None:
             p.grad = p.grad.detach()  # frees the graph: it holds the parameters (a reference cycle otherwise)
 
-    # Meta-gradient z = H^T g and, for the 2x2 approximation, its tangent H^T Hess (gamma H),
-    # per block (shape of beta) and per column (leading dimension), with the traces before the step.
+    z, z_tangent = _meta_gradients(approx, entries, blocks, columns, products)
+    if approx.meta_first:
+        _meta_updates(meta_rule, blocks, columns, z, z_tangent)
+    directions = [_beta_direction(block, columns) for block in blocks]
+    for group, params in groups:
+        if params:
+            _base_update(approx, base_rule, group, params, blocks, directions, products, diagonals, columns)
+    if not approx.meta_first:
+        _meta_updates(meta_rule, blocks, columns, z, z_tangent)
+
+
+def _meta_gradients(approx: Approximation, entries, blocks: list[_Block], columns: int, products):
+    """Meta-gradient z = H^T g and, for the 2x2 approximation, its tangent H^T Hess (gamma H),
+    per block (shape of beta) and per column (leading dimension), with the traces before the step."""
     z: dict[int, Tensor] = {}
     z_tangent: dict[int, Tensor] = {}
     if approx.hessian == "hvp":  # z[b] = H[:, b] . g over every weight; z_tangent[b, j] = H[:, b] . Hess (gamma H[:, j])
@@ -283,15 +295,7 @@ def step(
             if approx.kind == "2x2":
                 row = (trace.unsqueeze(0) * products[param.param]).sum_to_size((1, *param.view_shape)).reshape(1, *shape)
                 z_tangent[param.block] = z_tangent.get(param.block, 0) + row
-
-    if approx.meta_first:
-        _meta_updates(meta_rule, blocks, columns, z, z_tangent)
-    directions = [_beta_direction(block, columns) for block in blocks]
-    for group, params in groups:
-        if params:
-            _base_update(approx, base_rule, group, params, blocks, directions, products, diagonals, columns)
-    if not approx.meta_first:
-        _meta_updates(meta_rule, blocks, columns, z, z_tangent)
+    return z, z_tangent
 
 
 def _init_traces(entries, blocks: list[_Block], columns: int, base_moments, meta_moments) -> None:
@@ -380,7 +384,7 @@ def _beta_direction(block: _Block, columns: int) -> Tensor:
     return gamma * trace + (1 - gamma) * identity
 
 
-def _flat(tensors: list[Tensor], columns: int | None = None) -> Tensor:
+def _side_by_side(tensors: list[Tensor], columns: int | None = None) -> Tensor:
     """The tensors of one param group (or meta group) side by side: one vector, or a
     ``(columns, n)`` matrix for traces."""
     if columns is None:
@@ -388,8 +392,8 @@ def _flat(tensors: list[Tensor], columns: int | None = None) -> Tensor:
     return torch.cat([t.reshape(columns, -1) for t in tensors], dim=1)
 
 
-def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """The inverse of :func:`_flat`: one tensor per entry of ``like``, shaped like it."""
+def _split_like(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """The inverse of :func:`_side_by_side`: one tensor per entry of ``like``, shaped like it."""
     columns = flat.shape[0] if flat.dim() == 2 else 1
     sizes = [t.numel() // columns for t in like]
     return [chunk.reshape(t.shape) for chunk, t in zip(torch.split(flat, sizes, dim=-1), like)]
@@ -417,38 +421,38 @@ def _base_update(approx: Approximation, rule, group, entries: list[Param], block
         _base_step,
         rule=rule,
         hp={key: group[key] for key in rule.hyperparameters},
-        step=_flat([state["step"].expand_as(p) for p, state in zip(params, states)]),
+        step=_side_by_side([state["step"].expand_as(p) for p, state in zip(params, states)]),
         lr=group["lr"],
         weight_decay=group["weight_decay"],
         approx=approx,
     )
     inputs = {
-        "w": _flat([p.detach() for p in params]),
-        "g": _flat([p.grad for p in params]),
-        "beta": _flat(betas),
-        **{name: _flat([state[name] for state in states]) for name in rule.moment_names},
+        "w": _side_by_side([p.detach() for p in params]),
+        "g": _side_by_side([p.grad for p in params]),
+        "beta": _side_by_side(betas),
+        **{name: _side_by_side([state[name] for state in states]) for name in rule.moment_names},
     }
     outputs, partials = _step_and_partials(base_step, inputs)
-    traces = _flat([state["trace"] for state in states], columns)
+    traces = _side_by_side([state["trace"] for state in states], columns)
     tangents = {
         "w": gamma * traces,
-        "g": _flat([products[p] for p in params], columns),
-        "beta": _flat(beta_directions, columns),
-        **{name: gamma * _flat([state[f"trace_{name}"] for state in states], columns) for name in rule.moment_names},
+        "g": _side_by_side([products[p] for p in params], columns),
+        "beta": _side_by_side(beta_directions, columns),
+        **{name: gamma * _side_by_side([state[f"trace_{name}"] for state in states], columns) for name in rule.moment_names},
     }
     new_traces = _push_forward(partials, tangents)
     if approx.clip_trace:
         # The new trace is A * trace + (the rest), with A = gamma (dF/dw + dF/dg diag(Hess));
         # IDBD's rectifier replaces A by max(A, 0).
-        decay = gamma * (partials["w"]["w"] + partials["w"]["g"] * _flat([diagonals[p] for p in params]))
+        decay = gamma * (partials["w"]["w"] + partials["w"]["g"] * _side_by_side([diagonals[p] for p in params]))
         new_traces["w"] = new_traces["w"] + torch.relu(-decay) * traces
-    for p, value in zip(params, _unflat(outputs["w"], params)):
+    for p, value in zip(params, _split_like(outputs["w"], params)):
         p.copy_(value)
     for name, key in [("w", "trace")] + [(name, f"trace_{name}") for name in rule.moment_names]:
-        for state, value in zip(states, _unflat(new_traces[name], [state[key] for state in states])):
+        for state, value in zip(states, _split_like(new_traces[name], [state[key] for state in states])):
             state[key].copy_(value)
     for name in rule.moment_names:
-        for state, value in zip(states, _unflat(outputs[name], [state[name] for state in states])):
+        for state, value in zip(states, _split_like(outputs[name], [state[name] for state in states])):
             state[name].copy_(value)
 
 
@@ -471,14 +475,14 @@ def _meta_updates(rule, blocks: list[_Block], columns: int, z, z_tangent) -> Non
             _meta_step,
             rule=rule,
             hp={name: group[f"meta_{name}"] for name in rule.hyperparameters},
-            step=_flat([state["meta_step"].expand_as(beta) for state, beta in zip(states, betas)]),
+            step=_side_by_side([state["meta_step"].expand_as(beta) for state, beta in zip(states, betas)]),
             meta_lr=group["meta_lr"],
             meta_weight_decay=group["meta_weight_decay"],
         )
         inputs = {
-            "beta": _flat(betas),
-            "z": _flat([z[key].to(beta.dtype) for (key, _), beta in zip(entries, betas)]),
-            **{name: _flat([state[f"meta_{name}"] for state in states]) for name in rule.moment_names},
+            "beta": _side_by_side(betas),
+            "z": _side_by_side([z[key].to(beta.dtype) for (key, _), beta in zip(entries, betas)]),
+            **{name: _side_by_side([state[f"meta_{name}"] for state in states]) for name in rule.moment_names},
         }
         outputs, partials = _step_and_partials(meta_step, inputs)
         meta_gradient_tangents = [  # the L-approximation drops dM/dz H^T Hess H
@@ -486,14 +490,14 @@ def _meta_updates(rule, blocks: list[_Block], columns: int, z, z_tangent) -> Non
             for (key, _), beta in zip(entries, betas)
         ]
         tangents = {
-            "beta": _flat([_beta_direction(block, columns) for _, block in entries], columns),
-            "z": _flat(meta_gradient_tangents, columns),
-            **{name: gamma * _flat([s[f"meta_trace_{name}"] for s in states], columns) for name in rule.moment_names},
+            "beta": _side_by_side([_beta_direction(block, columns) for _, block in entries], columns),
+            "z": _side_by_side(meta_gradient_tangents, columns),
+            **{name: gamma * _side_by_side([s[f"meta_trace_{name}"] for s in states], columns) for name in rule.moment_names},
         }
         new_traces = _push_forward(partials, tangents)
         for name, key in [("beta", "beta")] + [(name, f"meta_{name}") for name in rule.moment_names]:
-            for state, value in zip(states, _unflat(outputs[name], [state[key] for state in states])):
+            for state, value in zip(states, _split_like(outputs[name], [state[key] for state in states])):
                 state[key].copy_(value)
         for name, key in [("beta", "meta_trace")] + [(name, f"meta_trace_{name}") for name in rule.moment_names]:
-            for state, value in zip(states, _unflat(new_traces[name], [state[key] for state in states])):
+            for state, value in zip(states, _split_like(new_traces[name], [state[key] for state in states])):
                 state[key].copy_(value)

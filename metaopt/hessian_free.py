@@ -23,21 +23,21 @@ from torch import Tensor
 from metaopt.plan import Plan
 
 
-def scaled_step_sizes(lr: float | Tensor, beta: Tensor) -> Tensor:
+def _lr_exp(lr: float | Tensor, beta: Tensor) -> Tensor:
     """``lr * exp(beta)``; the product skipped for the default ``lr`` of 1.0, exactly equal."""
     if isinstance(lr, float) and lr == 1.0:
         return torch.exp(beta)
     return lr * torch.exp(beta)
 
 
-def _step_sizes_of(lr: float | Tensor, index: int, memo: dict) -> Callable[[Hashable, tuple[int, ...], Tensor], Tensor]:
+def _memoized_alphas(lr: float | Tensor, index: int, memo: dict) -> Callable[[Hashable, tuple[int, ...], Tensor], Tensor]:
     """The step sizes of a block for param group ``index``, viewed to broadcast as ``view_shape``:
     computed once per block, group and view in a step (the kernels share them between tensors)."""
 
     def of(block: Hashable, view_shape: tuple[int, ...], beta: Tensor) -> Tensor:
         key = (block, index, view_shape)
         if key not in memo:
-            alphas = scaled_step_sizes(lr, beta)
+            alphas = _lr_exp(lr, beta)
             memo[key] = alphas.view(view_shape) if alphas.shape != view_shape else alphas
         return memo[key]
 
@@ -52,9 +52,9 @@ def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rul
         index = segment.group
         group, kernel = param_groups[index], kernels[index]
         grads = segment.gather()
-        for block, z in zip(segment.blocks, segment.meta_grads(kernel, grads)):
+        for block, z in zip(segment.block_keys, segment.meta_grads(kernel, grads)):
             terms.setdefault(block, []).append(z)
-        step_sizes = segment.step_sizes(_step_sizes_of(group["lr"], index, memo))
+        step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
         torch._foreach_add_(segment.counters, 1)
         kernel.update(
             segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,

@@ -161,7 +161,7 @@ class MetaOptimize(Optimizer):
         self.base_rule, self.meta_rule = hyperparameters.rules_of(base, meta, variant)
         hyperparameters.check_choice("blocks", blocks, BLOCKS)
         hyperparameters.check_choice("kernel", kernel, KERNELS)
-        self.base, self.meta, self.blocks, self.kernel, self.variant = base, meta, blocks, kernel, variant
+        self.base, self.meta, self.granularity, self.kernel, self.variant = base, meta, blocks, kernel, variant  # blocks= is the public name
         if skip_nonfinite and approx != "hessian_free":
             raise ValueError("skip_nonfinite=True is implemented for approx='hessian_free'; check the loss in your "
                              "closure instead for approx='l' or '2x2'")
@@ -199,7 +199,7 @@ class MetaOptimize(Optimizer):
             raise
         self._placements = self._place()
         hyperparameters.check_shared_blocks(self._placements, self.param_groups, self.meta_rule,
-                                            GRANULARITIES[self.blocks].shares, self.blocks)
+                                            GRANULARITIES[self.granularity].shares, self.granularity)
         self._kernels.append(KERNELS[self.kernel]())
         self._cached_plan = None
         self._checked_lrs[index] = hyperparameters.lr_mark(self.param_groups[-1]["lr"])
@@ -211,7 +211,7 @@ class MetaOptimize(Optimizer):
             **super().__getstate__(),
             "base": self.base,
             "meta": self.meta,
-            "blocks": self.blocks,
+            "granularity": self.granularity,
             "kernel": self.kernel,
             "variant": self.variant,
             "skip_nonfinite": self.skip_nonfinite,
@@ -221,6 +221,8 @@ class MetaOptimize(Optimizer):
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "blocks" in state:  # pickled before the attribute was named granularity
+            state["granularity"] = state.pop("blocks")
         super().__setstate__(state)
         self._placements = self._place()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
@@ -272,7 +274,7 @@ class MetaOptimize(Optimizer):
                     group[key] = value.to(group["params"][0].device)
 
     def _configuration(self) -> dict[str, str]:
-        configuration = {"base": self._base_name(), "meta": self.meta, "blocks": self.blocks}
+        configuration = {"base": self._base_name(), "meta": self.meta, "blocks": self.granularity}
         if self.variant != "standard":
             configuration["variant"] = self.variant
         if self.approx.kind != "hessian_free":
@@ -289,7 +291,7 @@ class MetaOptimize(Optimizer):
         inside ``step`` would break ``torch.compile(optimizer.step)`` on some torch versions."""
         layout: dict[int, Placement] = {}
         first_group_of_block: dict[str, int] = {}
-        granularity = GRANULARITIES[self.blocks]
+        granularity = GRANULARITIES[self.granularity]
         biases = node_weights(self.param_groups) if granularity.pairs_biases else {}
         for index, group in enumerate(self.param_groups):
             owner_group = first_group_of_block.setdefault(group.get("block", f"group{index}"), index)
@@ -347,7 +349,7 @@ class MetaOptimize(Optimizer):
             return self._step_keeping_hessian(closure, hessian_diagonal)
         if hessian_diagonal is not None:
             raise ValueError("hessian_diagonal is used by approx='l' or '2x2' with hessian='diagonal'; this optimizer is Hessian-free")
-        if self.blocks == "nodewise" and torch.compiler.is_compiling() and _OLD_DYNAMO:
+        if self.granularity == "nodewise" and torch.compiler.is_compiling() and _OLD_DYNAMO:
             raise RuntimeError(
                 "torch.compile of MetaOptimize.step with blocks='nodewise' computes wrong meta-gradients on "
                 f"torch {torch.__version__} (seen on 2.11; right on 2.13 and later): upgrade torch, or leave the step "
@@ -473,7 +475,7 @@ class MetaOptimize(Optimizer):
         fresh = {id(p) for _, params in groups for p in params if "trace" not in self.state[p]}
         for _, params in groups:
             self._init_states(params)
-        granularity = GRANULARITIES[self.blocks]
+        granularity = GRANULARITIES[self.granularity]
         context = plan.Context(
             self.param_groups, self.state, self._placements, self._owner_state, granularity.segment_kind,
             self._kernels[0].flat and not compiling, self.base_rule.moment_names, self.meta_rule.moment_names,
@@ -483,6 +485,11 @@ class MetaOptimize(Optimizer):
             self._cached_plan = built
         return built
 
+    @property
+    def blocks(self) -> str:
+        """The ``blocks=`` argument: the granularity of the step sizes."""
+        return self.granularity
+
     # -- reading the step sizes -----------------------------------------------------------
 
     def step_size(self, p: Tensor) -> Tensor:
@@ -490,7 +497,7 @@ class MetaOptimize(Optimizer):
         block = self._placements[id(p)]
         owner_state = self._owner_state(block.owner)
         if "beta" in owner_state:
-            alpha = self.approx.step_size(owner_state["beta"]).view(block.view_shape)
+            alpha = self.approx.sigma(owner_state["beta"]).view(block.view_shape)
         else:  # before the block's first step; alpha0="auto" is estimated there: NaN until then
             alpha0 = self.param_groups[block.meta_group]["alpha0"]
             alpha0 = math.nan if alpha0 == "auto" else alpha0
@@ -504,7 +511,7 @@ class MetaOptimize(Optimizer):
         """
         names, values = [], []
         seen: set[tuple] = set()
-        granularity = GRANULARITIES[self.blocks]
+        granularity = GRANULARITIES[self.granularity]
         for index, group in enumerate(self.param_groups):
             param_names = group.get("param_names") or [f"group{index}.param{j}" for j in range(len(group["params"]))]
             for p, param_name in zip(group["params"], param_names):
@@ -529,7 +536,7 @@ class MetaOptimize(Optimizer):
 
     def __repr__(self) -> str:
         head = (
-            f"MetaOptimize(base={self._base_name()!r}, meta={self.meta!r}, blocks={self.blocks!r}, "
+            f"MetaOptimize(base={self._base_name()!r}, meta={self.meta!r}, blocks={self.granularity!r}, "
             f"variant={self.variant!r}, kernel={self.kernel!r})"
         )
         return head + super().__repr__()[len(type(self).__name__) :]

@@ -6,8 +6,8 @@
 
 * ``gather()``: the gradients as the kernel reads them, and the weights where the kernel updates them;
 * ``meta_grads(kernel, grads)``: the meta-gradient terms ``h * g`` with the trace from before the
-  step, one per entry of ``blocks`` (the keys of the blocks they add to);
-* ``step_sizes(of)``: the step sizes before the meta update, broadcastable to ``weights``;
+  step, one per entry of ``block_keys`` (the keys of the blocks they add to);
+* ``alphas(of)``: the step sizes before the meta update, broadcastable to ``weights``;
 * ``scatter()``: the updated weights back into the parameters.
 
 Two layouts:
@@ -86,7 +86,7 @@ class TensorSegment:
         self.moments = {name: [s[name] for s in states] for name in moment_names}
         self.counters = self.steps = [s["step"] for s in states]
         self.view_shapes = [placement.view_shape for placement in placements]
-        self.blocks = [placement.number for placement in placements]
+        self.block_keys = [placement.number for placement in placements]
         self.betas = [owner["beta"] for owner in owners]
         # nodewise: (rows, 1, ..., 1) terms of a (rows,) beta
         self.term_shapes = [beta.shape if len(shape) != beta.dim() else None for shape, beta in zip(self.view_shapes, self.betas)]
@@ -99,8 +99,8 @@ class TensorSegment:
         return [(z if shape is None else z.view(shape)).to(beta.dtype)
                 for z, shape, beta in zip(terms, self.term_shapes, self.betas)]
 
-    def step_sizes(self, of: Callable[[Hashable, tuple[int, ...], Tensor], Tensor]) -> list[Tensor]:
-        return [of(number, shape, beta) for number, shape, beta in zip(self.blocks, self.view_shapes, self.betas)]
+    def alphas(self, of: Callable[[Hashable, tuple[int, ...], Tensor], Tensor]) -> list[Tensor]:
+        return [of(number, shape, beta) for number, shape, beta in zip(self.block_keys, self.view_shapes, self.betas)]
 
     def scatter(self) -> None:
         pass
@@ -126,10 +126,10 @@ class FlatSegment:
     lengths: Tensor | None = None  # "tensor": each tensor's number of elements
     rows: Tensor | None = None  # "node": each element's row among the rows of all nodewise blocks
     meta: MetaSegment | None = None  # "tensor", "weight": its blocks, whose state it holds
-    blocks: list[Hashable] = field(init=False)
+    block_keys: list[Hashable] = field(init=False)
 
     def __post_init__(self):
-        self.blocks = [self.block]
+        self.block_keys = [self.block]
 
     def gather(self) -> list[Tensor]:
         torch._foreach_copy_(self.grad_views, [p.grad for p in self.params])
@@ -152,7 +152,7 @@ class FlatSegment:
             z = trace * g
         return [z.to(self.beta.dtype)]
 
-    def step_sizes(self, of: Callable[[Hashable, tuple[int, ...], Tensor], Tensor]) -> list[Tensor]:
+    def alphas(self, of: Callable[[Hashable, tuple[int, ...], Tensor], Tensor]) -> list[Tensor]:
         """The blocks' step sizes for each element, in the weights' dtype."""
         if self.kind == "one":
             return [of(self.block, (), self.beta)]

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from experiments.reproduce import CONF, ITEMS, SCALES, Run, compose_experiment, expected_runs
 from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import choose_later, expand_grids, tuning_phases
-from metaopt.blocks import RESNET18_BLOCKS, param_groups_by_prefix
+from metaopt.param_groups import RESNET18_BLOCKS, param_groups_by_prefix
 from experiments.models import SixBlockMLP
 from experiments.models.resnet import resnet_mini
 

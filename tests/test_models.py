@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaopt.blocks import param_groups_by_prefix
+from metaopt.param_groups import param_groups_by_prefix
 from experiments.models import llama2c, llama2c_15m, mlp, resnet18, resnet18_cifar, small_cnn, tiny_transformer
 
 

@@ -1,7 +1,7 @@
 """The Llama-2 architecture as karpathy/llama2.c's model.py writes it: RMSNorm, RoPE, SwiGLU, tied embeddings.
 
 Module and parameter names are llama2.c's (tok_embeddings, layers.{i}.attention.wq, ...,
-norm, output), so its checkpoints load and metaopt.blocks.llama2c_blocks finds the layers.
+norm, output), so its checkpoints load and metaopt.param_groups.llama2c_blocks finds the layers.
 One change: forward(tokens) always returns the logits of every position, shape (B, T, vocab),
 and leaves the loss to the trainer (llama2.c computes it inside forward).
 """

@@ -1,7 +1,7 @@
 """torchvision's ResNet-18, for ImageNet and in the small-image (CIFAR) variant.
 
 Both keep torchvision's module names (conv1, bn1, layer1..layer4, fc): the optimizer's
-block presets (metaopt.blocks.RESNET18_BLOCKS) select parameters by them.
+block presets (metaopt.param_groups.RESNET18_BLOCKS) select parameters by them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models import resnet18 as torchvision_resnet18
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from metaopt.blocks import RESNET18_BLOCKS
+from metaopt.param_groups import RESNET18_BLOCKS
 
 
 def _stem(in_channels: int, kernel_size: int, stride: int) -> nn.Conv2d:
