@@ -17,19 +17,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaopt import hessian, hessian_free, hyperparameters, plan
+from metaopt import hessian, hessian_free, hyperparameters, plan, state
 from metaopt.granularity import BLOCKS, GRANULARITIES, Placement, node_weights
 from metaopt.kernels import KERNELS, Kernel
 from metaopt.rules import BASES, METAS, VARIANTS, Rule  # noqa: F401  (BASES, METAS, VARIANTS: imported from here by the tests and the harness)
 
 _OLD_DYNAMO = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
-
-
-def _is_meta_key(key: str) -> bool:
-    """Keys kept in float32 (or wider) whatever the parameter's dtype, so that a bf16 model
-    still learns its step sizes precisely: the step counters and the whole meta state."""
-    return key in ("step", "beta") or key.startswith("meta_")
 
 
 class MetaOptimize(Optimizer):
@@ -220,10 +214,10 @@ class MetaOptimize(Optimizer):
             "meta_rule": self.meta_rule,
         }
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if "blocks" in state:  # pickled before the attribute was named granularity
-            state["granularity"] = state.pop("blocks")
-        super().__setstate__(state)
+    def __setstate__(self, pickled: dict[str, Any]) -> None:
+        if "blocks" in pickled:  # pickled before the attribute was named granularity
+            pickled["granularity"] = pickled.pop("blocks")
+        super().__setstate__(pickled)
         self._placements = self._place()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
         self._cached_plan, self._checked_lrs = None, {}
@@ -244,34 +238,11 @@ class MetaOptimize(Optimizer):
             )
         if saved != current:
             raise ValueError(f"this checkpoint was saved by MetaOptimize({saved}), not MetaOptimize({current})")
-        saved_params = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-        own_params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        for index, p in zip(saved_params, own_params):
-            for key, value in state_dict["state"].get(index, {}).items():
-                # a trace of approx "l" / "2x2" has a leading dimension of blocks: compare the trailing ones
-                shape = tuple(value.shape[max(0, value.dim() - p.dim()):])
-                if key in ("trace", *self.base_rule.moment_names) and (value.dim() < p.dim() or shape != tuple(p.shape)):
-                    raise ValueError(
-                        f"this checkpoint's state {key!r} of parameter {index} has shape {tuple(value.shape)}, but the "
-                        f"parameter has shape {tuple(p.shape)}: it was saved for another model"
-                    )
-        # torch casts every state tensor to its parameter's dtype; keep the meta keys aside
-        # so that a bf16 model does not round its step sizes, and restore them afterwards.
-        meta_state, state = {}, {}
-        for index, param_state in state_dict["state"].items():
-            state[index] = {k: v for k, v in param_state.items() if not _is_meta_key(k)}
-            meta_state[index] = {k: v for k, v in param_state.items() if _is_meta_key(k)}
-        super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "metaoptimize"}, "state": state})
+        state.check_checkpoint_shapes(state_dict, self.param_groups, self.base_rule.moment_names)
+        kept, meta_state = state.without_meta_keys(state_dict["state"])
+        super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "metaoptimize"}, "state": kept})
         self._cached_plan = None  # the loaded state is in tensors of its own: a flat layout gathers it again
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = dict(zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)))
-        for index, values in meta_state.items():
-            p = params[index]
-            self.state[p].update({k: v.to(device=p.device) if isinstance(v, Tensor) else v for k, v in values.items()})
-        for group in self.param_groups:
-            for key, value in group.items():
-                if _is_meta_key(key) and isinstance(value, Tensor):
-                    group[key] = value.to(group["params"][0].device)
+        state.restore_meta_keys(meta_state, state_dict["param_groups"], self.param_groups, self.state)
 
     def _configuration(self) -> dict[str, str]:
         configuration = {"base": self._base_name(), "meta": self.meta, "blocks": self.granularity}
@@ -308,32 +279,12 @@ class MetaOptimize(Optimizer):
     def _owner_state(self, owner) -> dict[str, Any]:
         return self.param_groups[owner] if isinstance(owner, int) else self.state[owner]
 
-    def _block_shape(self, owner) -> tuple[int, ...]:
-        if isinstance(owner, int):
-            return ()
-        return self._placements[id(owner)].view_shape
+    def _init_states(self, params: list[Tensor], trace_columns: int = 1) -> None:
+        """The state of each parameter and of its block, created at the parameter's first step (:mod:`metaopt.state`)."""
+        state.init_states(params, self.state, self._placements, self.param_groups, self._owner_state,
+                          self.base_rule, self.meta_rule, self.approx, trace_columns)
 
     # -- the step -----------------------------------------------------------------------
-
-    def _init_param(self, p: Tensor, state: dict[str, Any], trace_columns: int) -> None:
-        state["step"] = torch.zeros((), dtype=hyperparameters.meta_dtype(p.dtype), device=p.device)
-        if trace_columns == 1:
-            state["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        else:  # approx "l" / "2x2" with hessian="hvp": one column of H per step-size block
-            state["trace"] = torch.zeros((trace_columns, *p.shape), dtype=p.dtype, device=p.device)
-        for name in self.base_rule.moment_names:
-            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _init_block(self, owner_state: dict[str, Any], shape, alpha0: float | Tensor, like: Tensor) -> None:
-        dtype = hyperparameters.meta_dtype(like.dtype)
-        if isinstance(alpha0, Tensor):  # estimated by alpha0="auto", on the device
-            beta = self.approx.initial_beta(alpha0.to(device=like.device, dtype=dtype))
-            owner_state["beta"] = beta.expand(shape).clone()
-        else:
-            owner_state["beta"] = torch.full(shape, self.approx.initial_beta(alpha0), dtype=dtype, device=like.device)
-        owner_state["meta_step"] = torch.zeros((), dtype=dtype, device=like.device)
-        for name in self.meta_rule.moment_names:
-            owner_state[f"meta_{name}"] = torch.zeros(shape, dtype=dtype, device=like.device)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, hessian_diagonal: dict[Tensor, Tensor] | None = None):
@@ -407,55 +358,11 @@ class MetaOptimize(Optimizer):
         for p in params:
             written += [value for value in self.state[p].values() if isinstance(value, Tensor)]
         for group in self.param_groups:
-            written += [value for key, value in group.items() if _is_meta_key(key) and isinstance(value, Tensor)]
+            written += [value for key, value in group.items() if state.is_meta_key(key) and isinstance(value, Tensor)]
         before = [tensor.clone() for tensor in written]
         hessian_free.step(step_plan, self.param_groups, self._kernels, self.base_rule, self.meta_rule)
         for tensor, old in zip(written, before):
             tensor.copy_(torch.where(finite, tensor, old))
-
-    def _init_states(self, params: list[Tensor], trace_columns: int = 1) -> None:
-        """The state of each parameter and of its block, created at the parameter's first step."""
-        auto_alpha0: dict[int, Tensor] = {}  # alpha0="auto", estimated once per param group from its parameters here
-        for p in params:
-            state = self.state[p]
-            if "trace" not in state:
-                self._init_param(p, state, trace_columns)
-            block = self._placements[id(p)]
-            owner_state = self._owner_state(block.owner)
-            if "beta" not in owner_state:
-                alpha0 = self.param_groups[block.meta_group]["alpha0"]
-                if alpha0 == "auto":
-                    if block.group not in auto_alpha0:
-                        group_params = [q for q in params if self._placements[id(q)].group == block.group]
-                        auto_alpha0[block.group] = self._auto_alpha0(group_params)
-                    alpha0 = auto_alpha0[block.group]
-                self._init_block(owner_state, self._block_shape(block.owner), alpha0, p)
-
-    def _auto_alpha0(self, params: list[Tensor]) -> Tensor:
-        r"""``alpha0="auto"``: the step size whose first base update moves the weights by
-        ``AUTO_FIRST_MOVE`` of their norm, :math:`\alpha_0 = r \, \lVert w \rVert / \lVert d(g) \rVert`
-        over ``params`` (the parameters of the param group whose step creates the block, with their
-        gradients), where
-        :math:`d(g)` is the base rule's first direction (``sign(g)`` for Adam, RMSProp and Lion,
-        ``g`` for SGD; ``g`` where the rule's first direction is zero, as the released SGDm's).
-        Computed on the device: no host sync."""
-        with_grads = [p for p in params if p.grad is not None]
-        if not with_grads:
-            return torch.tensor(hyperparameters.AUTO_ALPHA0_FLOOR)
-        dtype = hyperparameters.meta_dtype(with_grads[0].dtype)
-        squares = torch.zeros(3, dtype=dtype, device=with_grads[0].device)  # |w|^2, |d|^2, |g|^2
-        for p in with_grads:
-            group = self.param_groups[self._placements[id(p)].group]
-            g = p.grad.to(dtype)
-            moments = {name: torch.zeros_like(g) for name in self.base_rule.moment_names}
-            hp = {key: group[key] for key in self.base_rule.hyperparameters}
-            d, _ = self.base_rule.direction(g, moments, hp, torch.ones((), dtype=dtype, device=g.device))
-            norms = torch.stack([p.to(dtype).square().sum(), d.square().sum(), g.square().sum()])
-            squares += norms.to(squares.device)
-        norm_w, norm_d, norm_g = squares.sqrt().unbind()
-        norm_d = torch.where(norm_d > 0, norm_d, norm_g)
-        alpha0 = torch.where(norm_d > 0, hyperparameters.AUTO_FIRST_MOVE * norm_w / norm_d, 0.0).nan_to_num(0.0, 0.0, 0.0)
-        return alpha0.clamp(hyperparameters.AUTO_ALPHA0_FLOOR, hyperparameters.ALPHA0_RANGE[1])
 
     def _plan(self) -> plan.Plan:
         """The plan of this step (:mod:`metaopt.plan`), with the state of every parameter with a
