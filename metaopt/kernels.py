@@ -1,8 +1,10 @@
-"""The two kernels of a MetaOptimize step, as functions of lists of tensors (torch.optim style).
+"""The arithmetic of a MetaOptimize step, as functions of lists of tensors (torch.optim style).
 
-``base_update`` does, for one param group, the meta-gradient terms (with the trace from
-before the step), the base update and the trace update; ``meta_update`` moves the log step
-sizes of a list of blocks. Four kernels do this:
+A :class:`Kernel` has three functions, which :func:`metaopt.hessian_free.step` calls on the
+segments of a plan (:mod:`metaopt.plan`), the step counters already counting this step:
+``meta_grads`` (each tensor's meta-gradient term with the trace from before the step, summed to
+its block's view), ``update`` (the base update and the trace) and ``meta_update`` (the log step
+sizes of a list of blocks). Four kernels:
 
 * ``reference``: one tensor at a time, reading as the equations of :class:`metaopt.MetaOptimize`.
   It is the source of truth that the tests hold the others to.
@@ -10,8 +12,8 @@ sizes of a list of blocks. Four kernels do this:
   over memory: the meta-gradient is a dot product per tensor (no product temporary), the
   direction is overwritten by the weight change, and the trace takes that change in one
   ``addcmul``. Works on every device, and under ``torch.compile`` of a training step.
-* ``flat``: the ``foreach`` update run on a few flat buffers per param group instead of one
-  tensor per parameter (:mod:`metaopt.flat`), so that the number of ops a step dispatches does
+* ``flat``: the ``foreach`` functions run on a few flat buffers per param group instead of one
+  tensor per parameter (a layout, :class:`metaopt.plan.FlatSegment`), so that the number of ops a step dispatches does
   not grow with the number of tensors: the fast kernel where a step is bound by launches and
   Python (a GPU, many small tensors).
 * ``compiled``: the ``foreach`` update compiled with ``torch.compile`` (one graph per param
@@ -99,7 +101,7 @@ def _per_step_size(function: Callable[[list[Tensor]], list[Tensor]], step_sizes:
 
 
 def _foreach_update(params, grads, traces, moments, steps, step_sizes, *, rule, hp, weight_decay, gamma) -> None:
-    """Base update and trace of :func:`_reference_base_update` with multi-tensor ops; ``steps``
+    """Base update and trace of :func:`_reference_update` with multi-tensor ops; ``steps``
     already count this step."""
     directions = rule.directions(grads, moments, hp, steps)
     # dw = -alpha * (d + kappa * w), in the directions' memory when they are the kernel's own.

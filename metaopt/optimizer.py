@@ -90,7 +90,7 @@ class MetaOptimize(Optimizer):
             that a step dispatches the same ~30 ops however many tensors the model has: the
             fastest where steps are bound by launches and Python, as on a GPU; on a CPU, param
             groups whose tensors average over 131,072 elements run ``foreach``, which moves fewer
-            bytes; see :mod:`metaopt.flat`), ``"foreach"`` (multi-tensor ``torch._foreach_*``
+            bytes; see :mod:`metaopt.plan`), ``"foreach"`` (multi-tensor ``torch._foreach_*``
             ops on each tensor's own state), ``"compiled"`` (the
             ``foreach`` update compiled by ``torch.compile``, one graph per param group: the fastest
             steps on a CPU after a first step that compiles, 4-13 s for ResNet-18; needs a

@@ -284,7 +284,7 @@ def test_a_state_dict_moves_between_the_flat_and_the_foreach_kernel(blocks):
 
 def test_on_a_cpu_large_tensors_keep_the_foreach_kernel():
     """Above CPU_MAX_MEAN_NUMEL elements a tensor on average the copies into flat buffers cost
-    more than they save (metaopt/flat.py): such a param group keeps each tensor's own state."""
+    more than they save (metaopt/plan.py): such a param group keeps each tensor's own state."""
     small = [nn.Parameter(torch.randn(8)) for _ in range(3)]
     large = [nn.Parameter(torch.randn(plan.CPU_MAX_MEAN_NUMEL + 1)) for _ in range(2)]
     optimizer = MetaOptimize([{"params": small}, {"params": large}], "adamw", "lion", kernel="flat")
