@@ -43,9 +43,7 @@ def _reference_meta_grads(traces, grads, view_shapes) -> list[Tensor]:
 def _reference_update(params, grads, traces, moments, steps, step_sizes, *, rule, hp, weight_decay, gamma) -> None:
     """Base update and trace, tensor by tensor; ``steps`` already count this step."""
     for i, (w, g, h) in enumerate(zip(params, grads, traces)):
-        d, new_moments = rule.direction(g, {name: moments[name][i] for name in moments}, hp, steps[i])
-        for name, value in new_moments.items():
-            moments[name][i].copy_(value)
+        d = rule.direction_of(g, moments, i, hp, steps[i])
         alpha = step_sizes[i]
         dw = -alpha * (d + weight_decay * w)
         w.add_(dw)
@@ -56,9 +54,7 @@ def _reference_meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_
     """``beta <- (1 - meta_lr * meta_weight_decay) * beta - meta_lr * d(z)`` block by block; ``steps``
     already count this step."""
     for i, (beta, z) in enumerate(zip(betas, meta_grads)):
-        u, new_moments = rule.direction(z, {name: moments[name][i] for name in moments}, hp, steps[i])
-        for name, value in new_moments.items():
-            moments[name][i].copy_(value)
+        u = rule.direction_of(z, moments, i, hp, steps[i])
         beta.mul_(1 - meta_lr * meta_weight_decay).sub_(meta_lr * u)
 
 

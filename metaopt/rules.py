@@ -85,13 +85,15 @@ class Rule(NamedTuple):
         """The fast kernel, or the pure one mapped over the list when the rule has none."""
         if self.foreach_direction is not None:
             return self.foreach_direction(xs, moments, hp, steps)
-        ds = []
-        for i, x in enumerate(xs):
-            d, new = self.direction(x, {name: moments[name][i] for name in moments}, hp, steps[i])
-            for name, value in new.items():
-                moments[name][i].copy_(value)
-            ds.append(d)
-        return ds
+        return [self.direction_of(x, moments, i, hp, steps[i]) for i, x in enumerate(xs)]
+
+    def direction_of(self, x: Tensor, moments: dict[str, list[Tensor]], i: int, hp, step: Tensor) -> Tensor:
+        """The pure ``direction`` of ``x``, the ``i``-th tensor of a list, with its new moments written
+        into ``moments[name][i]``."""
+        d, new = self.direction(x, {name: moments[name][i] for name in moments}, hp, step)
+        for name, value in new.items():
+            moments[name][i].copy_(value)
+        return d
 
 
 def _bias_corrections(decay: float, steps: list[Tensor]) -> list[Tensor]:
