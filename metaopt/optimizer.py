@@ -327,6 +327,8 @@ class MetaOptimize(Optimizer):
                 loss = closure()  # builds the gradients' graph for the Hessian-vector products
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             return loss
+        plan.check_step_inputs(self.param_groups, [(index, [p for p in group["params"] if p.grad is not None])
+                                                   for index, group in enumerate(self.param_groups)], self.state)
         layout = self._placements
         everything = [p for group in self.param_groups for p in group["params"]]
         numbered = {layout[id(p)].number: layout[id(p)] for p in everything}

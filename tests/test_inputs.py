@@ -171,3 +171,22 @@ def test_a_parameter_whose_shape_changed_is_refused(kernel):
     loss().backward()
     assert_refused_before_any_work(model, optimizer, ValueError, r"parameter '2.weight' is now torch.float32 of shape "
                                    r"\(1, 4\), but its optimizer state was made for torch.float32 of shape \(2, 4\)")
+
+
+@pytest.mark.parametrize("approx", ["l", "2x2"])
+def test_the_steps_keeping_the_hessian_refuse_a_converted_model_too(approx):
+    model, loss = model_and_loss()
+    optimizer = MetaOptimize(model.named_parameters(), approx=approx, alpha0=1e-3)
+
+    def closure():
+        optimizer.zero_grad()
+        value = loss()
+        value.backward(create_graph=True)
+        return value
+
+    optimizer.step(closure)
+    model.double()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is now torch.float64"):
+        optimizer.step(closure)
+    assert_unchanged(model, before)
