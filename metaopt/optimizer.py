@@ -118,7 +118,11 @@ class MetaOptimize(Optimizer):
             beyond the keywords above (``meta_<name>`` for the meta rule's).
 
     A keyword that the chosen base or meta rule does not use raises ``ValueError``, and so does a
-    value outside the range the rule allows.
+    value outside the range the rule allows (:mod:`metaopt.hyperparameters`). Refused before any
+    work, naming the parameter and the fix: a complex parameter (``TypeError``, at construction), a
+    sparse gradient (``TypeError``), a negative or non-finite ``lr``, float or tensor, and a
+    parameter whose dtype or shape changed since its state was made (``ValueError``, at the step).
+    Zero-element parameters are skipped.
 
     State: ``state[p]["trace"]`` is the trace of ``p``; ``state[p]["step"]`` counts its
     updates; the base rule's moments are ``exp_avg`` / ``exp_avg_sq``. Each block keeps
