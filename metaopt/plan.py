@@ -265,10 +265,11 @@ def _group_segments(context: Context, index: int, params: list[Tensor], fresh: s
     kinds = by_kind(params) if context.flat and context.kind != "node" else []
     for members in kinds:
         states = [state[p] for p in members]
-        own_meta = context.kind in ("tensor", "weight")
-        if not pays_off(members) or not _equal([s["step"] for s in states], all(id(p) in fresh for p in members)) or (
-            own_meta and not _equal([s["meta_step"] for s in states], all(id(p) in fresh for p in members))
-        ):
+        own_meta = context.kind in ("tensor", "weight")  # the segment holds its blocks' state too
+        created_together = all(id(p) in fresh for p in members)
+        counters_agree = _equal([s["step"] for s in states], created_together) and (
+            not own_meta or _equal([s["meta_step"] for s in states], created_together))
+        if not pays_off(members) or not counters_agree:
             per_tensor += members
             continue
         if own_meta:
