@@ -120,6 +120,7 @@ def test_a_negative_or_nonfinite_lr_is_refused_at_construction(lr):
 
 
 @pytest.mark.parametrize("kernel", EAGER_KERNELS)
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 @pytest.mark.parametrize("bad", [-0.1, float("nan")])
 def test_a_scheduler_that_sets_a_bad_float_lr_is_refused_at_the_step(bad, kernel):
     model, _, optimizer = stepped_once(kernel)
@@ -173,6 +174,7 @@ def test_a_parameter_whose_shape_changed_is_refused(kernel):
                                    r"\(1, 4\), but its optimizer state was made for torch.float32 of shape \(2, 4\)")
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("approx", ["l", "2x2"])
 def test_the_steps_keeping_the_hessian_refuse_a_converted_model_too(approx):
     model, loss = model_and_loss()
