@@ -379,8 +379,9 @@ class MetaOptimize(Optimizer):
 
     def _plan(self) -> plan.Plan:
         """The plan of this step (:mod:`metaopt.plan`), with the state of every parameter with a
-        gradient created; kept while the parameters with gradients, their dtypes and their shapes
-        stay the same (built at every traced step under torch.compile, where it stays per tensor)."""
+        gradient created; kept while the parameters with gradients and their sizes in bytes stay the
+        same (:func:`metaopt.plan.signature`; built at every traced step under torch.compile, where it
+        stays per tensor). A new plan is built after :func:`metaopt.plan.check_step_inputs`."""
         groups = [(index, [p for p in group["params"] if p.grad is not None]) for index, group in enumerate(self.param_groups)]
         groups = [(index, params) for index, params in groups if params]
         compiling = torch.compiler.is_compiling()

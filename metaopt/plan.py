@@ -41,7 +41,7 @@ which only some of them had gradients) are checked once, reading the counters ba
 if they differ, they keep a :class:`TensorSegment`.
 
 The plan is built when the parameters with gradients, the param groups, or the parameters'
-dtypes, shapes or devices change (:meth:`metaopt.MetaOptimize._plan`), and under
+sizes in bytes change (:func:`signature`; :meth:`metaopt.MetaOptimize._plan`), and under
 ``torch.compile`` at every traced step (per tensor: Inductor fuses the ops anyway).
 """
 
