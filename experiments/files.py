@@ -2,16 +2,23 @@
 
 ``atomic_write`` is how every file meant to be read later is written (checkpoints, meta.json,
 config.yaml, metrics.csv when a resumed run trims it, token files): the bytes go to a
-temporary ``<name>.<pid>.tmp`` next to the target, are flushed to the disk (fsync), and then
-replace the target by a rename, so a reader, or the next run after a SIGKILL or a power cut,
-finds the old file or the new one, never a part of one. ``remove_temporaries`` clears the
-temporaries that killed writers leave behind.
+temporary ``<name>.metaopt-<pid>.tmp`` next to the target (opened without following a symbolic
+link), are flushed to the disk (fsync), and then replace the target by a rename, so a reader, or
+the next run after a SIGKILL or a power cut, finds the old file or the new one, never a part of
+one. ``remove_temporaries`` clears the temporaries that killed writers leave behind, and only
+those: a user's own ``notes.1.tmp`` stays.
 
-``RunLock`` is an exclusive ``flock`` on ``<run folder>/run.lock`` holding the owner's PID and
-host: a second process on the same folder stops at once naming them. The kernel drops the
-lock when its process dies, however it dies, so a stale lock is taken over by the next run.
-A file system that cannot lock (NFS mounted with ``nolock``, Lustre without ``flock``) stops the
-run before it starts, naming the folder, rather than leaving the folder unguarded.
+``RunLock`` keeps one process per run folder, with two locks that the kernel drops when their
+process dies, however it dies (so a stale lock is taken over by the next run):
+- an exclusive ``flock`` on ``<run folder>/run.lock`` holding the owner's PID and host, which
+  processes on other hosts of a shared file system see too;
+- a Unix socket in the abstract namespace named from the folder's real path, which no file
+  operation can remove: deleting the run folder, or its ``run.lock``, while the run lives (and
+  running the command again) no longer gives the folder a second writer on that host.
+A second process stops at once naming the first. A file system that cannot lock (NFS mounted with
+``nolock``, Lustre without ``flock``) stops the run before it starts, naming the folder, rather than
+leaving the folder unguarded. ``run.lock`` is opened without following a symbolic link and never
+truncated before it is locked, so a link planted there cannot empty another file.
 """
 
 from __future__ import annotations
@@ -20,13 +27,31 @@ import contextlib
 import errno
 import fcntl
 import glob
+import hashlib
 import os
 import re
 import socket
+import struct
 from typing import IO, Iterator
 
 LOCK_NAME = "run.lock"
-_TEMPORARY = re.compile(r"\.\d+\.tmp$")  # <name>.<pid>.tmp, as atomic_write names them
+_TEMPORARY = re.compile(r"\.metaopt-\d+\.tmp$")  # <name>.metaopt-<pid>.tmp, as temporary_name names them
+
+
+def temporary_name(path: str) -> str:
+    """Where a writer of this process puts ``path``'s next version before renaming it over ``path``."""
+    return f"{path}.metaopt-{os.getpid()}.tmp"
+
+
+def open_no_follow(path: str, flags: int, mode: int = 0o644) -> int:
+    """os.open that refuses a symbolic link at ``path`` (ELOOP), naming the file."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(error.errno, f"{path} is a symbolic link, which a run never follows (it could make the "
+                                       f"run write another file): remove it (rm {path}) and run again") from None
+        raise
 
 
 @contextlib.contextmanager
@@ -35,9 +60,9 @@ def atomic_write(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
 
     An exception inside the block removes the temporary and leaves ``path`` as it was.
     """
-    partial = f"{path}.{os.getpid()}.tmp"
+    partial = temporary_name(path)
     try:
-        with open(partial, mode, **open_kwargs) as f:
+        with open(partial, mode, opener=lambda name, flags: open_no_follow(name, flags), **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -59,7 +84,7 @@ def sync_directory(folder: str) -> None:
 
 
 def remove_temporaries(folder: str) -> list[str]:
-    """Delete the ``<name>.<pid>.tmp`` files of writers that were killed; returns their paths.
+    """Delete the ``<name>.metaopt-<pid>.tmp`` files of writers that were killed; returns their paths.
 
     Call it only while holding the folder's RunLock: then no live writer owns one of them.
     """
@@ -84,21 +109,60 @@ class RunLock:
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_NAME)
         self.descriptor: int | None = None
+        self.socket: socket.socket | None = None
 
     def __enter__(self) -> RunLock:
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.socket = self._bind_folder_name()
+        try:
+            self._lock_file()
+        except BaseException:
+            self.socket.close()
+            self.socket = None
+            raise
+        return self
+
+    def _bind_folder_name(self) -> socket.socket:
+        """The socket named from the folder's real path: a second binder on this host gets EADDRINUSE,
+        and the holder's PID from the socket itself (SO_PEERCRED)."""
+        name = "\0metaopt-run-" + hashlib.sha256(os.path.realpath(self.run_dir).encode()).hexdigest()[:32]
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            holder.bind(name)
+            holder.listen(64)
+        except OSError as error:
+            holder.close()
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise RunFolderInUse(self._in_use(self._peer_pid(name), socket.gethostname())) from None
+        return holder
+
+    @staticmethod
+    def _peer_pid(name: str) -> str:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(name)
+            credentials = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return str(struct.unpack("3i", credentials)[0])
+        except OSError:
+            return "?"
+        finally:
+            probe.close()
+
+    def _in_use(self, pid: str, host: str) -> str:
+        return (f"{self.run_dir} is in use by process {pid} on {host}: two processes in one run folder would "
+                f"interleave its metrics.csv and checkpoints (deleting the folder or its {LOCK_NAME} does not stop "
+                f"that process). Wait for that run to end, or stop it (kill {pid} on that host; it checkpoints) and "
+                "run this command again to continue it; to run a second copy, use another run_root or seed.")
+
+    def _lock_file(self) -> None:
+        descriptor = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(descriptor, 256).decode(errors="replace").split()
             os.close(descriptor)
             pid, host = (holder + ["?", "?"])[:2]
-            raise RunFolderInUse(
-                f"{self.run_dir} is in use by process {pid} on {host}: two processes in one run folder would "
-                f"interleave its metrics.csv and checkpoints. Wait for that run to end, or stop it (kill {pid} "
-                "on that host; it checkpoints) and run this command again to continue it; to run a second copy, "
-                "use another run_root or seed."
-            ) from None
+            raise RunFolderInUse(self._in_use(pid, host)) from None
         except OSError as error:
             os.close(descriptor)
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -109,10 +173,9 @@ class RunLock:
                 "system that locks: run_root=<a local disk, or a network file system mounted with locking, "
                 "e.g. NFS without 'nolock', Lustre with 'flock'>"
             ) from error
-        os.ftruncate(descriptor, 0)
+        os.ftruncate(descriptor, 0)  # once locked: the file is ours
         os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self.descriptor = descriptor
-        return self
 
     def __exit__(self, *exc_info) -> None:
         # the file stays: unlinking it would let a waiting opener and a new one lock two different files
@@ -120,3 +183,5 @@ class RunLock:
         fcntl.flock(self.descriptor, fcntl.LOCK_UN)
         os.close(self.descriptor)
         self.descriptor = None
+        self.socket.close()
+        self.socket = None

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from experiments.files import atomic_write
+from experiments.files import atomic_write, open_no_follow
 
 
 class MetricsLog:
@@ -70,7 +70,7 @@ class MetricsLog:
             writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(rows)
-        self.file = open(self.path, "a", newline="")
+        self.file = open(self.path, "a", newline="", opener=lambda name, flags: open_no_follow(name, flags))
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
         return rows
 
@@ -141,6 +141,9 @@ def _init_wandb(run_dir: str, settings: dict[str, Any], config: dict[str, Any], 
         project=settings.get("project", "metaopt"),
         entity=settings.get("entity"),
         tags=list(settings.get("tags") or []),
+        group=settings.get("group"),
+        job_type=settings.get("job_type"),
+        notes=settings.get("notes"),
         mode=mode,
         name=name,
         # one W&B run per run folder: a resumed run continues the same W&B run

@@ -86,6 +86,7 @@ TRAINER = {
     "device": Setting("str", pattern=r"auto|cpu|mps|cuda(:\d+)?", meaning="auto, cpu, mps, cuda or cuda:<index>"),
     "num_workers": Setting("int", low=0),
     "progress_bar": Setting("bool"),
+    "resume_across_code_change": Setting("bool"),
 }
 
 # conf/logger/*.yaml
@@ -96,6 +97,9 @@ WANDB = {
     "entity": Setting("str", nullable=True),
     "mode": Setting("str", choices=WANDB_MODES, nullable=True, meaning="null: WANDB_MODE, else online when logged in"),
     "tags": Setting("list"),
+    "group": Setting("str", nullable=True),
+    "job_type": Setting("str", nullable=True),
+    "notes": Setting("str", nullable=True),
 }
 
 # The keywords of the dataset builders (experiments/data/), wherever a builder takes them; a

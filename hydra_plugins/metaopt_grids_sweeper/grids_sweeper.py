@@ -22,9 +22,16 @@ figure's ``figure.tuned``) first runs every setting on the tuning seed only, wit
 grids; then its best setting there (``select``, the figure's rule: the lowest final train loss by
 default; the trainer's run folders hold it) runs the other seeds. With ``tune_seed: null`` every
 setting runs on every seed.
+
+A stop signal to the sweep's own process (SIGTERM: what ``timeout`` and ``kill`` send; SIGHUP: its
+terminal closed) is passed on to every process the sweep started (the local launcher's runs, which
+checkpoint and exit), and the sweep exits once they have, with 128 + the signal's number.
 """
 
 import logging
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +149,10 @@ class GridsSweeper(BasicSweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        with _forward_stop_signals():
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: List[str]) -> Any:
         if not self.grids:
             raise ValueError("hydra.sweeper.grids is empty: list the experiment's grids (see conf/experiment/*.yaml)")
         # the grids may interpolate the experiment's keys (${tuning.lr}): resolve them in place
@@ -195,3 +206,61 @@ class GridsSweeper(BasicSweeper):
             self.job_idx += len(batch)
             returns.append(results)
         return returns, diverged
+
+
+# -- stop signals reach the runs -------------------------------------------------------------------
+
+SWEEP_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+RUNS_EXIT_WAIT_S = 600  # a run checkpoints at the end of its current step, then exits
+
+
+def descendants(pid: int) -> List[int]:
+    """The live processes below ``pid`` (children, theirs, ...), read from /proc (Linux)."""
+    parents: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in parents.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+class _forward_stop_signals:
+    """While a sweep runs in the main thread: a SIGTERM or SIGHUP to it goes on to every process below
+    it; once they have exited (or after RUNS_EXIT_WAIT_S), the sweep exits with 128 + the signal."""
+
+    def __enter__(self):
+        self.previous: Dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in SWEEP_STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._forward)
+        return self
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        runs = descendants(os.getpid())
+        name = signal.Signals(signum).name
+        log.warning(f"{name}: passed on to the sweep's {len(runs)} processes; waiting for the runs to checkpoint")
+        for pid in runs:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + RUNS_EXIT_WAIT_S
+        while time.monotonic() < deadline and set(runs) & set(descendants(os.getpid())):
+            time.sleep(0.2)
+        log.warning(f"{name}: the sweep stops; run the same command again to continue it (finished runs are "
+                    "skipped, stopped ones resume)")
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
