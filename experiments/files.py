@@ -28,11 +28,12 @@ import errno
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import re
 import socket
 import struct
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 LOCK_NAME = "run.lock"
 _TEMPORARY = re.compile(r"\.metaopt-\d+\.tmp$")  # <name>.metaopt-<pid>.tmp, as temporary_name names them
@@ -92,6 +93,15 @@ def remove_temporaries(folder: str) -> list[str]:
     for path in stale:
         os.remove(path)
     return stale
+
+
+def read_json(path: str, fix: str) -> Any:
+    """The JSON value of a file; an unreadable one raises ValueError naming the file and ``fix``."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}): {fix}") from None
 
 
 class RunFolderInUse(RuntimeError):

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from experiments.files import atomic_write, open_no_follow
+from experiments.files import atomic_write, open_no_follow, read_json
 
 
 class MetricsLog:
@@ -57,8 +57,8 @@ class MetricsLog:
             self.wandb_run = _init_wandb(run_dir, wandb, config, name)
             handed_over = -1
             if os.path.exists(self.wandb_record):
-                with open(self.wandb_record) as f:
-                    handed_over = json.load(f)["last_step"]
+                handed_over = read_json(self.wandb_record, f"delete it (rm {self.wandb_record}) and run again: the "
+                                        "run then logs every kept row of metrics.csv to W&B again")["last_step"]
             for row in kept_rows:
                 if int(row["step"]) > handed_over:
                     self._log_to_wandb({key: float(value) for key, value in row.items() if value != ""})
@@ -147,7 +147,8 @@ def _init_wandb(run_dir: str, settings: dict[str, Any], config: dict[str, Any], 
         mode=mode,
         name=name,
         # one W&B run per run folder: a resumed run continues the same W&B run
-        id=hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16],
+        # the real path: a folder reached through a symbolic link and then directly stays one W&B run
+        id=hashlib.sha1(os.path.realpath(run_dir).encode()).hexdigest()[:16],
         resume="allow",
         dir=os.environ.get("WANDB_DIR", run_dir),
         config=config,

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from omegaconf import OmegaConf
 
@@ -140,3 +140,19 @@ def code_digest() -> str:
             digest.update(f"{path.relative_to(_REPOSITORY)}\n".encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+# -- a sweep's manifest ------------------------------------------------------------------------------
+
+
+def sweep_arguments(arguments: Iterable[str]) -> list[str]:
+    """A sweep's command-line overrides that make it what it is: sorted, without where it runs
+    (run_root) and without Hydra's own (hydra.*, hydra/...)."""
+    return sorted(a for a in arguments if not a.lstrip("+~").startswith(("hydra.", "hydra/", "run_root=")))
+
+
+def manifest_path(run_root: str, run_group: str, arguments: Iterable[str]) -> Path:
+    """Where the grids sweeper writes the manifest of a sweep (its runs, their folders, the settings its
+    tuning chose): one per run group and command line, so that sweeps with other overrides keep theirs."""
+    digest = hashlib.sha256("\n".join(sweep_arguments(arguments)).encode()).hexdigest()[:16]
+    return Path(run_root) / run_group / f"sweep-{digest}.json"

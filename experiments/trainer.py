@@ -18,7 +18,6 @@ for images, next-token logits for language models).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -192,7 +191,8 @@ class RunState:
             record["summary"] = summary
         if status == "preempted":
             record["signal"] = signal_name
-        write_json({**_read_json(self.meta_path), **record}, self.meta_path)
+        write_json({**files.read_json(self.meta_path, "it is rewritten when the run starts again"), **record},
+                   self.meta_path)
 
 
 def train(cfg: DictConfig, run_dir: str) -> TrainResult:
@@ -736,8 +736,3 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)

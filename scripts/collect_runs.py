@@ -4,7 +4,10 @@
     python scripts/collect_runs.py fig1 run_root=/scratch/runs   # the sweep's own overrides, if any
 
 Reads the runs the experiment's sweep expects (experiments/reproduce.py) from their folders
-under run_root/<run_group>/ and writes every metrics.csv row with the run's identity: its grid,
+under run_root/<run_group>/, as the sweep's manifest (run_root/<run_group>/sweep-<digest>.json,
+written by the grids sweeper) names them, or, for a sweep run before manifests, as their
+.hydra/overrides.yaml name them; either way a folder counts only if its config.yaml is the
+configuration this sweep gives the run, and writes every metrics.csv row with the run's identity: its grid,
 arm, seed, every swept key, its status (meta.json) and the sweep's scale (the columns of
 experiments/schema.py). In a sweep tuned on one seed (hydra.sweeper.tune_seed), a tuned grid's
 other seeds are those of its best setting on that seed, chosen from the folders as the sweeper
@@ -24,10 +27,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.files import atomic_write
+from experiments.files import atomic_write, read_json
 from experiments.reproduce import ITEMS, SCALES, Run, compose_experiment, expected_runs, run_dir_key, select
-from experiments.run_folder import IDENTITY_SECTIONS, differences, read_run
-from experiments.schema import runs_columns, swept_keys, tuning_score
+from experiments.run_folder import IDENTITY_SECTIONS, differences, manifest_path, read_run
+from experiments.schema import run_key, runs_columns, swept_keys, tuning_score
 
 
 def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, list[str]]:
@@ -44,9 +47,17 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
     # the keys the sweep varies: the later runs of a sweep tuned on one seed vary none of their own
     swept = swept_keys(run.values for run in expected_runs(cfg))
     found = defaultdict(list)  # (run key, seed) -> run folders with those values of the swept keys
-    for overrides_file in sorted(group_dir.glob("**/.hydra/overrides.yaml")):
-        folder = overrides_file.parent.parent
-        found[(run_dir_key(overrides_file, set(swept)), str(recorded_seed(folder)))].append(folder)
+    manifest = manifest_path(cfg.run_root, cfg.run_group, [f"experiment={item}", f"scale={scale}", *overrides])
+    if manifest.exists():  # the sweep's own record of its runs' folders (the grids sweeper writes it)
+        for entry in read_json(str(manifest), "run the sweep again to rewrite it")["runs"]:
+            if entry.get("folder"):
+                values = dict(o.split("=", 1) for o in entry["overrides"])
+                found[(run_key({k: v for k, v in values.items() if k in swept}), entry["seed"])].append(
+                    Path(cfg.run_root) / entry["folder"])
+    else:  # a sweep run before manifests: every folder of the run group, checked below
+        for overrides_file in sorted(group_dir.glob("**/.hydra/overrides.yaml")):
+            folder = overrides_file.parent.parent
+            found[(run_dir_key(overrides_file, set(swept)), str(recorded_seed(folder)))].append(folder)
     mismatches: dict[tuple[str, str], list[str]] = {}
 
     @functools.lru_cache(maxsize=None)
@@ -97,7 +108,9 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
 def run_config(item: str, scale: str, overrides: list[str] | tuple[str, ...], run: Run) -> dict:
     """The sections of the configuration the sweep gives this run that make its identity, resolved as
     the trainer records them in config.yaml."""
-    cfg = compose_experiment(item, scale, [*overrides, *run.overrides])
+    given = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    # as the sweeper does: a key the command line sets replaces the grid's own
+    cfg = compose_experiment(item, scale, [*overrides, *(o for o in run.overrides if o.split("=", 1)[0] not in given)])
     return {section: OmegaConf.to_container(cfg[section], resolve=True) if OmegaConf.is_config(cfg[section])
             else cfg[section] for section in IDENTITY_SECTIONS if section in cfg}
 

@@ -117,6 +117,15 @@ def test_collect_runs_takes_only_the_folders_of_its_own_sweep(tmp_path):
         sweep = subprocess.run([sys.executable, "-m", "experiments.train", "experiment=fig2", "scale=smoke", run_root,
                                 *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
         assert sweep.returncode == 0, sweep.stderr[-3000:]
+    # each sweep wrote down its runs and their folders: its manifest
+    manifests = sorted((tmp_path / "runs" / "fig2").glob("sweep-*.json"))
+    assert len(manifests) == 2
+    for manifest in manifests:
+        record = json.loads(manifest.read_text())
+        assert record["complete"] and len(record["runs"]) == 5
+        assert all(entry["launched"] and (tmp_path / "runs" / entry["folder"] / "metrics.csv").exists()
+                   and ("trainer.max_steps=6" in entry["folder"]) == ("trainer.max_steps=6" in record["arguments"])
+                   for entry in record["runs"])
     for extra, last_step in (([], 4), (["trainer.max_steps=6"], 6)):
         out = tmp_path / f"results{last_step}" / "fig2"
         count, missing = collect_runs.collect("fig2", "smoke", out, [run_root, *extra])
@@ -290,10 +299,12 @@ def test_sigterm_to_a_sweep_reaches_its_runs(tmp_path):
     """`timeout` sends SIGTERM to the sweep's process alone: before, its runs (the local launcher's
     processes) went on training after it died."""
     run_root = tmp_path / "runs"
+    # a file, not a pipe: runs left alive would hold a pipe open, and reading it would wait for them
+    log = open(tmp_path / "sweep.log", "w")
     sweep = subprocess.Popen(
         [sys.executable, "-m", "experiments.train", "experiment=fig2", "scale=smoke", "hydra/launcher=local",
          f"run_root={run_root}", "trainer.max_steps=1000000", "trainer.log_every=10", "trainer.eval_every=0",
-         "trainer.checkpoint_every=0"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "trainer.checkpoint_every=0"], cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     runs = []
     try:
         deadline = time.monotonic() + 600
@@ -302,10 +313,11 @@ def test_sigterm_to_a_sweep_reaches_its_runs(tmp_path):
             if len(folders) == 4:  # smoke: a batch of 4 runs at once
                 break
             time.sleep(0.5)
-        assert sweep.poll() is None and len(folders) == 4, sweep.stdout.read()[-3000:] if sweep.poll() else folders
+        assert sweep.poll() is None and len(folders) == 4, (tmp_path / "sweep.log").read_text()[-3000:]
         runs = descendants(sweep.pid)
         sweep.send_signal(signal.SIGTERM)
-        output, _ = sweep.communicate(timeout=600)
+        sweep.wait(timeout=600)
+        output = (tmp_path / "sweep.log").read_text()
         assert sweep.returncode == 128 + signal.SIGTERM, output[-3000:]
         assert "SIGTERM: passed on to the sweep's" in output
         assert runs and _live(runs) == []
@@ -314,10 +326,14 @@ def test_sigterm_to_a_sweep_reaches_its_runs(tmp_path):
             assert meta["status"] == "preempted" and meta["signal"] == "SIGTERM"
             assert checkpoint.load(str(folder / "checkpoint.pt"))["step"] == meta["step"]
     finally:
-        for pid in [sweep.pid, *runs]:
+        log.close()
+        if sweep.poll() is None:
+            sweep.kill()
+        for pid in _live(runs):  # left alive (the fault): killed, if the PID is still one of this test's
             try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                if str(tmp_path) in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
                 pass
 
 
@@ -342,3 +358,22 @@ def test_wandb_group_job_type_and_notes_reach_the_wandb_run(tmp_path, offline_wa
     (run_file,) = offline_wandb.glob("wandb/offline-run-*/run-*.wandb")
     (record, *_) = read_wandb_records(run_file, "run")
     assert (record.run.run_group, record.run.job_type, record.run.notes) == ("fig2-smoke", "sweep-run", "a note")
+
+
+def test_a_folder_reached_through_a_link_and_then_directly_stays_one_wandb_run(tmp_path, offline_wandb):
+    real = tmp_path / "real" / "run"
+    real.parent.mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    overrides = [*TINY, "optimizer=adamw", "logger=wandb", "trainer.max_steps=6"]
+    assert train(compose_train(*overrides, "trainer.max_time=0"), str(tmp_path / "link" / "run")).summary["status"] == "stopped"
+    assert train(compose_train(*overrides), str(real)).summary["status"] == "finished"
+    ids = {path.name.rsplit("-", 1)[1] for path in offline_wandb.glob("wandb/offline-run-*")}
+    assert len(list(offline_wandb.glob("wandb/offline-run-*"))) == 2 and len(ids) == 1
+
+
+def test_an_unreadable_wandb_json_is_named_with_the_fix(tmp_path, offline_wandb):
+    overrides = [*TINY, "optimizer=adamw", "logger=wandb", "trainer.max_steps=6"]
+    train(compose_train(*overrides, "trainer.max_time=0"), str(tmp_path / "run"))
+    (tmp_path / "run" / "wandb.json").write_text('{"last_st')
+    with pytest.raises(ValueError, match=r"run/wandb.json cannot be read \(JSONDecodeError.*rm .*wandb.json"):
+        train(compose_train(*overrides), str(tmp_path / "run"))
