@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import dropin  # noqa: E402
 from experiments.reproduce import ITEMS, compose_experiment, expected_runs, select, tune_seed  # noqa: E402
-from experiments.schema import (QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
+from experiments.schema import (COSTS, PROGRESS, QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
                                 swept_keys, tuning_score)
 
 SUMMARY_METRICS = (*QUALITY, STEP_SIZE)
@@ -57,11 +57,18 @@ def read_runs(path: Path) -> list[dict[str, str]]:
                          f"disk), so its last values cannot be trusted; {again}")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = list(reader)
+    numeric = [column for column in reader.fieldnames or [] if column in (*PROGRESS, *QUALITY, *COSTS)
+               or is_step_size(column)]
     for number, row in enumerate(rows, start=2):
         if None in row or None in row.values():
             raise ValueError(f"{path}, line {number}: {len(reader.fieldnames)} columns expected, the row has "
                              f"{sum(value is not None for key, value in row.items() if key is not None) + len(row.get(None) or [])}"
                              f"; {again}")
+        for column in numeric:
+            try:
+                float(row[column] or 0)
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: {column} is {row[column]!r}, not a number; {again}") from None
     return rows
 
 

@@ -237,6 +237,14 @@ def test_make_figures_refuses_a_torn_or_incomplete_runs_csv(tmp_path):
     (results / "fig2" / "runs.csv").write_text(header + "".join(lines))
     with pytest.raises(ValueError, match=r"fig2/runs.csv, line 5: \d+ columns expected, the row has 10"):
         make_figures.build("fig2", results)
+    bad = text.splitlines(keepends=True)
+    fields = next(csv.reader([bad[2]]))
+    fields[header.rstrip("\n").split(",").index("train/loss")] = "0.2x"
+    short = io.StringIO()
+    csv.writer(short, lineterminator="\n").writerow(fields)
+    (results / "fig2" / "runs.csv").write_text(header + short.getvalue() + "".join(bad[3:]))
+    with pytest.raises(ValueError, match=r"fig2/runs.csv, line 2: train/loss is '0.2x', not a number"):
+        make_figures.build("fig2", results)
     rows = list(csv.DictReader(io.StringIO(text)))
     with open(results / "fig2" / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, [c for c in rows[0] if c != "train/loss"], extrasaction="ignore")
