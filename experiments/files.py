@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import struct
+import sys
 from typing import IO, Any, Iterator
 
 LOCK_NAME = "run.lock"
@@ -122,14 +123,19 @@ class RunLock:
         self.socket: socket.socket | None = None
 
     def __enter__(self) -> RunLock:
-        self.socket = self._bind_folder_name()
+        # the abstract namespace is Linux's: elsewhere (macOS) the flock on run.lock alone guards the folder
+        self.socket = self._bind_folder_name() if sys.platform.startswith("linux") else None
         try:
             self._lock_file()
         except BaseException:
-            self.socket.close()
-            self.socket = None
+            self._close_socket()
             raise
         return self
+
+    def _close_socket(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
 
     def _bind_folder_name(self) -> socket.socket:
         """The socket named from the folder's real path: a second binder on this host gets EADDRINUSE,
@@ -193,5 +199,4 @@ class RunLock:
         fcntl.flock(self.descriptor, fcntl.LOCK_UN)
         os.close(self.descriptor)
         self.descriptor = None
-        self.socket.close()
-        self.socket = None
+        self._close_socket()

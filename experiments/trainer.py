@@ -696,6 +696,8 @@ class _StopSignals:
         self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
             for signum in STOP_SIGNALS:
+                if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # started with nohup: a closed terminal is not a reason to stop
                 self.previous[signum] = signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame: Any) -> None:

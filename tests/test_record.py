@@ -385,3 +385,15 @@ def test_an_unreadable_wandb_json_is_named_with_the_fix(tmp_path, offline_wandb)
     (tmp_path / "run" / "wandb.json").write_text('{"last_st')
     with pytest.raises(ValueError, match=r"run/wandb.json cannot be read \(JSONDecodeError.*rm .*wandb.json"):
         train(compose_train(*overrides), str(tmp_path / "run"))
+
+
+def test_a_run_started_with_nohup_ignores_sighup(tmp_path):
+    """nohup: SIGHUP ignored from the start stays ignored, the run goes on to its end."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(["nohup", *cli(run_dir, *TINY, "optimizer=adamw", "trainer.max_steps=30000",
+                                              "trainer.log_every=10", "trainer.eval_every=0")],
+                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(process, run_dir, 20)
+    process.send_signal(signal.SIGHUP)
+    assert process.wait(timeout=300) == 0
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "finished"

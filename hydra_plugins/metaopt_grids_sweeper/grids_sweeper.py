@@ -272,7 +272,7 @@ RUNS_EXIT_WAIT_S = 600  # a run checkpoints at the end of its current step, then
 def descendants(pid: int) -> List[int]:
     """The live processes below ``pid`` (children, theirs, ...), read from /proc (Linux)."""
     parents: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:  # no /proc (macOS): none found
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
@@ -297,7 +297,8 @@ class _forward_stop_signals:
         self.previous: Dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in SWEEP_STOP_SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._forward)
+                if signal.getsignal(signum) != signal.SIG_IGN:  # nohup make ...: SIGHUP stays ignored
+                    self.previous[signum] = signal.signal(signum, self._forward)
         return self
 
     def _forward(self, signum: int, frame: Any) -> None:
