@@ -44,17 +44,19 @@ def main(cfg: DictConfig) -> None:
 
 
 def discard_unused_folder(run_dir: str, run_root: str | None) -> None:
-    """Remove the folder Hydra made for a command refused before any work (it holds only Hydra's
-    .hydra/ record and log), and the parents it made that are left empty, up to run_root."""
-    if not os.path.isdir(run_dir) or not all(name == ".hydra" or name.endswith(".log") for name in os.listdir(run_dir)):
+    """Remove what Hydra wrote for a command refused before any work (its .hydra/ record and the job's
+    log), then the folder and the parents it made, where that leaves them empty, up to run_root."""
+    if not os.path.isdir(run_dir):
         return
-    shutil.rmtree(run_dir)
+    shutil.rmtree(os.path.join(run_dir, ".hydra"), ignore_errors=True)
+    log = os.path.join(run_dir, f"{HydraConfig.get().job.name}.log")
+    if os.path.isfile(log) and not os.path.islink(log):
+        os.remove(log)
     stop = os.path.abspath(run_root) if run_root else None
-    parent = os.path.dirname(os.path.abspath(run_dir))
-    while stop is not None and parent.startswith(stop + os.sep) and not os.listdir(parent):
-        os.rmdir(parent)
-        parent = os.path.dirname(parent)
-
+    folder = os.path.abspath(run_dir)
+    while stop is not None and folder.startswith(stop + os.sep) and not os.listdir(folder):
+        os.rmdir(folder)
+        folder = os.path.dirname(folder)
 
 if __name__ == "__main__":
     main()

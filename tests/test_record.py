@@ -397,3 +397,13 @@ def test_a_run_started_with_nohup_ignores_sighup(tmp_path):
     process.send_signal(signal.SIGHUP)
     assert process.wait(timeout=300) == 0
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "finished"
+
+
+def test_a_refused_value_leaves_no_folder_behind(tmp_path):
+    """Before, a command refused by the validation left Hydra's run folder (.hydra/, train.log) in run_root."""
+    run_root = tmp_path / "runs"
+    run_root.mkdir()
+    result = subprocess.run([sys.executable, "-m", "experiments.train", f"run_root={run_root}", *TINY,
+                             "trainer.max_steps=0"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert result.returncode != 0 and "trainer.max_steps=0 is not allowed" in result.stderr
+    assert list(run_root.iterdir()) == []
