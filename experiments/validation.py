@@ -134,6 +134,7 @@ MODEL = {
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ValueError naming the first key whose value is not allowed, or that nothing reads."""
+    _check_time_independent(OmegaConf.to_container(cfg, resolve=False))
     _check_section(cfg.trainer, "trainer", TRAINER, "conf/trainer/default.yaml")
     if cfg.trainer.max_steps is None and cfg.trainer.epochs is None:
         raise ValueError("set the length of the run: trainer.max_steps=<steps> or trainer.epochs=<epochs>")
@@ -152,6 +153,21 @@ def check_config(cfg: DictConfig) -> None:
 
     _check_builder(cfg.dataset, "dataset", DATASET)
     _check_builder(cfg.model, "model", MODEL)
+
+
+def _check_time_independent(node: Any, prefix: str = "") -> None:
+    """Refuse a value drawn from the clock (${now:...}): each resolution gives another one, so the run
+    folder's name, the recorded config and the run itself would disagree (a seed=29 folder running seed 31)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_time_independent(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_time_independent(value, f"{prefix}[{index}]")
+    elif isinstance(node, str) and "${now:" in node.replace(" ", ""):
+        raise ValueError(f"{prefix}={node!r} is not allowed: a value drawn from the clock changes at each use, so "
+                         "the run folder's name, its recorded config and the run would each get another one. Give "
+                         f"the value itself (e.g. {prefix}=$(date +%s) in the shell)")
 
 
 def _check_section(section: Any, prefix: str, settings: dict[str, Setting], defined_in: str) -> None:

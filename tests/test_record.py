@@ -407,3 +407,14 @@ def test_a_refused_value_leaves_no_folder_behind(tmp_path):
                              "trainer.max_steps=0"], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert result.returncode != 0 and "trainer.max_steps=0 is not allowed" in result.stderr
     assert list(run_root.iterdir()) == []
+
+
+def test_a_seed_drawn_from_the_clock_is_refused_before_any_folder(tmp_path):
+    """seed=${oc.decode:${now:%S}} passed the checks, then the folder said seed=29 while the run drew another."""
+    run_root = tmp_path / "runs"
+    run_root.mkdir()
+    result = subprocess.run([sys.executable, "-m", "experiments.train", f"run_root={run_root}", *TINY,
+                             "seed='${oc.decode:${now:%S}}'"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert result.returncode != 0 and "seed='${oc.decode:${now:%S}}' is not allowed: a value drawn from the clock" \
+        in result.stderr
+    assert list(run_root.iterdir()) == []
