@@ -43,8 +43,11 @@ def cli(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def start(run_dir: Path, *overrides: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.Popen:
+    """The run in a process of its own, with Ctrl-C's default action (as in a terminal, also where the
+    tests themselves run in the background, which ignores SIGINT)."""
     return subprocess.Popen(cli(run_dir, *overrides), cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int) -> None:
