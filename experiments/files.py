@@ -12,9 +12,12 @@ those: a user's own ``notes.1.tmp`` stays.
 process dies, however it dies (so a stale lock is taken over by the next run):
 - an exclusive ``flock`` on ``<run folder>/run.lock`` holding the owner's PID and host, which
   processes on other hosts of a shared file system see too;
-- a Unix socket in the abstract namespace named from the folder's real path, which no file
-  operation can remove: deleting the run folder, or its ``run.lock``, while the run lives (and
-  running the command again) no longer gives the folder a second writer on that host.
+- for a folder under run_root, an ``flock`` on ``run_root/.locks/<hash of its path below run_root>.lock``,
+  outside the folder: deleting a live run's folder (and running the command again, on any host that
+  shares run_root) no longer gives the folder a second writer;
+- on Linux, a Unix socket in the abstract namespace named from the folder's real path, which no
+  file operation can remove: on that host, deleting the run folder, its ``run.lock`` or the
+  ``.locks`` file while the run lives no longer gives the folder a second writer either.
 A second process stops at once naming the first. A file system that cannot lock (NFS mounted with
 ``nolock``, Lustre without ``flock``) stops the run before it starts, naming the folder, rather than
 leaving the folder unguarded. ``run.lock`` is opened without following a symbolic link and never
@@ -37,6 +40,7 @@ import sys
 from typing import IO, Any, Iterator
 
 LOCK_NAME = "run.lock"
+LOCKS_FOLDER = ".locks"  # under run_root: <hash of a run folder's path below run_root>.lock
 _TEMPORARY = re.compile(r"\.metaopt-\d+\.tmp$")  # <name>.metaopt-<pid>.tmp, as temporary_name names them
 
 
@@ -116,19 +120,31 @@ class LockingUnsupported(RuntimeError):
 class RunLock:
     """An exclusive lock on a run folder for the life of a ``with`` block (see the module docstring)."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, run_root: str | None = None):
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_NAME)
         self.descriptor: int | None = None
         self.socket: socket.socket | None = None
+        # a folder under run_root is also locked by a file outside it, named from its path below run_root
+        # (the same on every host that mounts run_root): deleting the folder does not delete that lock
+        self.root_path: str | None = None
+        self.root_descriptor: int | None = None
+        if run_root is not None:
+            root, folder = os.path.realpath(run_root), os.path.realpath(run_dir)
+            if folder.startswith(root + os.sep):
+                key = hashlib.sha256(os.path.relpath(folder, root).encode()).hexdigest()[:32]
+                self.root_path = os.path.join(root, LOCKS_FOLDER, f"{key}.lock")
 
     def __enter__(self) -> RunLock:
         # the abstract namespace is Linux's: elsewhere (macOS) the flock on run.lock alone guards the folder
         self.socket = self._bind_folder_name() if sys.platform.startswith("linux") else None
         try:
-            self._lock_file()
+            self.descriptor = self._lock_file(self.path)
+            if self.root_path is not None:
+                os.makedirs(os.path.dirname(self.root_path), exist_ok=True)
+                self.root_descriptor = self._lock_file(self.root_path)
         except BaseException:
-            self._close_socket()
+            self._release()
             raise
         return self
 
@@ -170,8 +186,9 @@ class RunLock:
                 f"that process). Wait for that run to end, or stop it (kill {pid} on that host; it checkpoints) and "
                 "run this command again to continue it; to run a second copy, use another run_root or seed.")
 
-    def _lock_file(self) -> None:
-        descriptor = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
+    def _lock_file(self, path: str) -> int:
+        """An exclusive flock on ``path``, which then holds this process's PID and host."""
+        descriptor = open_no_follow(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -184,19 +201,25 @@ class RunLock:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
             raise LockingUnsupported(
-                f"cannot lock {self.path}: its file system does not support flock ({error.strerror}), and "
+                f"cannot lock {path}: its file system does not support flock ({error.strerror}), and "
                 "without the lock two processes could write one run folder at once. Put the runs on a file "
                 "system that locks: run_root=<a local disk, or a network file system mounted with locking, "
                 "e.g. NFS without 'nolock', Lustre with 'flock'>"
             ) from error
         os.ftruncate(descriptor, 0)  # once locked: the file is ours
         os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self.descriptor = descriptor
+        return descriptor
 
     def __exit__(self, *exc_info) -> None:
-        # the file stays: unlinking it would let a waiting opener and a new one lock two different files
-        os.ftruncate(self.descriptor, 0)
-        fcntl.flock(self.descriptor, fcntl.LOCK_UN)
-        os.close(self.descriptor)
-        self.descriptor = None
+        self._release()
+
+    def _release(self) -> None:
+        # the files stay: unlinking one would let a waiting opener and a new one lock two different files
+        for name in ("root_descriptor", "descriptor"):
+            descriptor = getattr(self, name)
+            if descriptor is not None:
+                os.ftruncate(descriptor, 0)
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+                os.close(descriptor)
+                setattr(self, name, None)
         self._close_socket()

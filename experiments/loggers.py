@@ -54,14 +54,19 @@ class MetricsLog:
         kept_rows = self._open_csv(resume_step) if csv_enabled else []
         self.wandb_run = None
         if wandb is not None:
-            self.wandb_run = _init_wandb(run_dir, wandb, config, name)
-            handed_over = -1
+            handed_over = -1  # read before the W&B run starts: a refusal leaves no W&B run open in the process
             if os.path.exists(self.wandb_record):
                 handed_over = read_json(self.wandb_record, f"delete it (rm {self.wandb_record}) and run again: the "
                                         "run then logs every kept row of metrics.csv to W&B again")["last_step"]
-            for row in kept_rows:
-                if int(row["step"]) > handed_over:
-                    self._log_to_wandb({key: float(value) for key, value in row.items() if value != ""})
+            self.wandb_run = _init_wandb(run_dir, wandb, config, name)
+            try:
+                for row in kept_rows:
+                    if int(row["step"]) > handed_over:
+                        self._log_to_wandb({key: float(value) for key, value in row.items() if value != ""})
+            except BaseException:
+                self.wandb_run.finish(exit_code=1)
+                self.wandb_run = None
+                raise
 
     def _open_csv(self, resume_step: int | None) -> list[dict[str, str]]:
         """Start metrics.csv over, keeping the rows up to ``resume_step``; returns them."""

@@ -224,7 +224,7 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
     # -- run folder: locked, cleared of killed writers' temporaries, resumed from its checkpoint --
     os.makedirs(run_dir, exist_ok=True)
     if rank == 0:
-        run_folder_lock.enter_context(files.RunLock(run_dir))
+        run_folder_lock.enter_context(files.RunLock(run_dir, cfg.get("run_root")))
         files.remove_temporaries(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
@@ -302,6 +302,8 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
             run.write_start_records(resumed_at_step=None if state is None else state["step"])
     except BaseException:
         stops.restore()
+        if run.log is not None:
+            run.log.close()  # no W&B run left open in the process
         raise
 
     # -- the loop ----------------------------------------------------------------------------------

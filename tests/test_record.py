@@ -378,7 +378,8 @@ def test_a_folder_reached_through_a_link_and_then_directly_stays_one_wandb_run(t
     overrides = [*TINY, "optimizer=adamw", "logger=wandb", "trainer.max_steps=6"]
     assert train(compose_train(*overrides, "trainer.max_time=0"), str(tmp_path / "link" / "run")).summary["status"] == "stopped"
     assert train(compose_train(*overrides), str(real)).summary["status"] == "finished"
-    ids = {path.name.rsplit("-", 1)[1] for path in offline_wandb.glob("wandb/offline-run-*")}
+    # offline-run-<date>_<time>-<run id>[-<n>: W&B's suffix for a second folder of the same name]
+    ids = {path.name.split("-")[3] for path in offline_wandb.glob("wandb/offline-run-*")}
     assert len(list(offline_wandb.glob("wandb/offline-run-*"))) == 2 and len(ids) == 1
 
 
@@ -421,3 +422,26 @@ def test_a_seed_drawn_from_the_clock_is_refused_before_any_folder(tmp_path):
     assert result.returncode != 0 and "seed='${oc.decode:${now:%S}}' is not allowed: a value drawn from the clock" \
         in result.stderr
     assert list(run_root.iterdir()) == []
+
+
+def test_a_run_folder_locked_from_another_host_stays_locked_after_its_folder_is_deleted(tmp_path):
+    """Another host's run (on a shared run_root) is seen through its flocks alone: here a process holding
+    the run_root/.locks file of the folder, as that host's run does, after the folder was deleted."""
+    run_root = tmp_path / "runs"
+    run_dir = run_root / "digits" / "run"
+    train(compose_train(*TINY, "optimizer=adamw", f"run_root={run_root}", "trainer.max_time=0"), str(run_dir))
+    (lock,) = (run_root / ".locks").glob("*.lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\nd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "fcntl.flock(d, fcntl.LOCK_EX)\nos.ftruncate(d, 0)\nos.write(d, b'4242 otherhost\\n')\n"
+         "print('locked', flush=True)\ntime.sleep(600)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        shutil.rmtree(run_dir)
+        with pytest.raises(RuntimeError, match=r"is in use by process 4242 on otherhost"):
+            train(compose_train(*TINY, "optimizer=adamw", f"run_root={run_root}"), str(run_dir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(compose_train(*TINY, "optimizer=adamw", f"run_root={run_root}"), str(run_dir)).summary["status"] \
+        == "finished"
