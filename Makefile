@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+	@for item in $(FIGURES); do printf '%-16sa paper item: its sweep, results/%s/runs.csv, the plot or table [SCALE=full|mini|smoke] [LAUNCHER=local|slurm|basic]\n' $$item $$item; done
 
 # The library (pyproject.toml, the wheel holds metaopt alone) goes in editable with its tests' packages (the
 # dev extra); the harness (experiments/, hydra_plugins/, scripts/) is not packaged: its packages come from

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.files import atomic_write
+from experiments.files import atomic_write, temporary_name
 
 
 class DamagedCheckpoint(ValueError):
@@ -63,7 +63,7 @@ def save(state: dict[str, Any], path: str) -> None:
     digest = payload_digest(state)
     if os.path.exists(path):
         previous = previous_path(path)
-        partial = f"{previous}.{os.getpid()}.tmp"
+        partial = temporary_name(previous)
         try:
             os.link(path, partial)  # no copy: the previous checkpoint is the current file's second name
         except OSError:  # a file system without hard links

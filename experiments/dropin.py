@@ -190,30 +190,39 @@ def markdown(title: str, scale: str, tasks: Sequence[Task], horizons: Sequence[i
 
 def plot(fig_cfg: Any, scale: str, tasks: Sequence[Task], path: Any) -> None:
     """One column per task; rows: train loss and the task's test metric against steps (log x), every
-    arm's mean over seeds (MetaOptimize solid, the learning-rate-free optimizers dashed, AdamW dotted)."""
+    arm's mean over seeds (MetaOptimize solid, the learning-rate-free optimizers dashed, AdamW dotted;
+    the library's defaults, the first arm, thick and black). A loss axis ends at 1.5 times the highest
+    first value (and at 1e-6 below), so that a diverged run does not flatten every other curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2.2, not 2.2 x 10^0, on a log axis within a decade
     styles = {"metaopt": "-", "lr_free": "--", "adamw": ":", "tuned": ":"}
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.2 * len(tasks), 8.4), squeeze=False)
-    colors = plt.get_cmap("tab20").colors
+    colors = [color for color in plt.get_cmap("tab20").colors if color[0] != color[1] or color[1] != color[2]]
     for col, task in enumerate(tasks):
-        for index, arm in enumerate(task.arms):
-            for row, metric in enumerate((TRAIN, task.test_metric)):
-                steps, means = _mean_series(arm.seeds, metric)
-                axes[row][col].plot(steps, means, color=colors[index % len(colors)],
-                                    linestyle=styles.get(arm.role, "-"), linewidth=1.2, label=arm.label)
         for row, metric in enumerate((TRAIN, task.test_metric)):
-            ax = axes[row][col]
+            ax, first_values, lowest = axes[row][col], [], math.inf
+            for index, arm in enumerate(task.arms):
+                steps, means = _mean_series(arm.seeds, metric)
+                default = index == 0
+                ax.plot(steps, means, color="black" if default else colors[index % len(colors)],
+                        linestyle=styles.get(arm.role, "-"), linewidth=2.4 if default else 1.1,
+                        zorder=3 if default else 2,
+                        label=f"{fig_cfg.arms[TUNED_KEY].label} per task" if arm.role == "tuned" else arm.label)
+                finite = [value for value in means if math.isfinite(value)]
+                first_values += finite[:1]
+                lowest = min([lowest, *finite])
             ax.set_xscale("log")
-            if metric.endswith("loss"):
+            if metric.endswith("loss") and first_values:
                 ax.set_yscale("log")
+                low, high = max(lowest, 1e-6) / 1.5, 1.5 * max(first_values)
+                ax.set_ylim(low, high)
                 ax.yaxis.set_major_formatter(plain)
-                ax.yaxis.set_minor_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
             ax.set_xlabel("step")
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from experiments.files import atomic_write
+from experiments.files import atomic_write, open_no_follow, read_json
 
 
 class MetricsLog:
@@ -54,14 +54,19 @@ class MetricsLog:
         kept_rows = self._open_csv(resume_step) if csv_enabled else []
         self.wandb_run = None
         if wandb is not None:
-            self.wandb_run = _init_wandb(run_dir, wandb, config, name)
-            handed_over = -1
+            handed_over = -1  # read before the W&B run starts: a refusal leaves no W&B run open in the process
             if os.path.exists(self.wandb_record):
-                with open(self.wandb_record) as f:
-                    handed_over = json.load(f)["last_step"]
-            for row in kept_rows:
-                if int(row["step"]) > handed_over:
-                    self._log_to_wandb({key: float(value) for key, value in row.items() if value != ""})
+                handed_over = read_json(self.wandb_record, f"delete it (rm {self.wandb_record}) and run again: the "
+                                        "run then logs every kept row of metrics.csv to W&B again")["last_step"]
+            self.wandb_run = _init_wandb(run_dir, wandb, config, name)
+            try:
+                for row in kept_rows:
+                    if int(row["step"]) > handed_over:
+                        self._log_to_wandb({key: float(value) for key, value in row.items() if value != ""})
+            except BaseException:
+                self.wandb_run.finish(exit_code=1)
+                self.wandb_run = None
+                raise
 
     def _open_csv(self, resume_step: int | None) -> list[dict[str, str]]:
         """Start metrics.csv over, keeping the rows up to ``resume_step``; returns them."""
@@ -70,7 +75,7 @@ class MetricsLog:
             writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(rows)
-        self.file = open(self.path, "a", newline="")
+        self.file = open(self.path, "a", newline="", opener=lambda name, flags: open_no_follow(name, flags))
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
         return rows
 
@@ -141,10 +146,14 @@ def _init_wandb(run_dir: str, settings: dict[str, Any], config: dict[str, Any], 
         project=settings.get("project", "metaopt"),
         entity=settings.get("entity"),
         tags=list(settings.get("tags") or []),
+        group=settings.get("group"),
+        job_type=settings.get("job_type"),
+        notes=settings.get("notes"),
         mode=mode,
         name=name,
         # one W&B run per run folder: a resumed run continues the same W&B run
-        id=hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16],
+        # the real path: a folder reached through a symbolic link and then directly stays one W&B run
+        id=hashlib.sha1(os.path.realpath(run_dir).encode()).hexdigest()[:16],
         resume="allow",
         dir=os.environ.get("WANDB_DIR", run_dir),
         config=config,

@@ -9,6 +9,8 @@ named from the overrides and the seed (conf/hydra/default.yaml), and running the
 command again resumes from the checkpoint in it. The loop is experiments/trainer.py.
 """
 
+import os
+import shutil
 import sys
 
 import hydra
@@ -17,16 +19,44 @@ from omegaconf import DictConfig
 
 from experiments.run_folder import register_resolvers
 from experiments.trainer import train
+from experiments.validation import check_config
 
 register_resolvers()  # before hydra.main composes conf/hydra/default.yaml, which names the run folder
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    result = train(cfg, HydraConfig.get().runtime.output_dir)
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        check_config(cfg)
+    except ValueError:
+        discard_unused_folder(run_dir, cfg.get("run_root"))  # a refused command leaves no folder behind
+        raise
+    try:
+        result = train(cfg, run_dir)
+    except KeyboardInterrupt:
+        # meta.json says "interrupted": not finished, not diverged; its last checkpoint continues it
+        print(f"\ninterrupted (Ctrl-C): {run_dir} is recorded as interrupted; run the same command again to "
+              "continue from its last checkpoint", file=sys.stderr)
+        sys.exit(130)
     if result.summary["status"] in ("preempted", "stopped"):
         sys.exit(3)  # a stop signal or out of max_time: not finished, re-run (or requeue) to continue
 
+
+def discard_unused_folder(run_dir: str, run_root: str | None) -> None:
+    """Remove what Hydra wrote for a command refused before any work (its .hydra/ record and the job's
+    log), then the folder and the parents it made, where that leaves them empty, up to run_root."""
+    if not os.path.isdir(run_dir):
+        return
+    shutil.rmtree(os.path.join(run_dir, ".hydra"), ignore_errors=True)
+    log = os.path.join(run_dir, f"{HydraConfig.get().job.name}.log")
+    if os.path.isfile(log) and not os.path.islink(log):
+        os.remove(log)
+    stop = os.path.abspath(run_root) if run_root else None
+    folder = os.path.abspath(run_dir)
+    while stop is not None and folder.startswith(stop + os.sep) and not os.listdir(folder):
+        os.rmdir(folder)
+        folder = os.path.dirname(folder)
 
 if __name__ == "__main__":
     main()

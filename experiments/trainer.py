@@ -4,7 +4,7 @@
 it holds a checkpoint); data, model and optimizer; precision, compile and DDP; then the loop,
 which logs train loss / accuracy / step sizes every ``log_every`` steps, evaluates every
 ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked to stop
-(SIGTERM, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss or a step size
+(SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss or a step size
 stops being finite. What changes during a run (step, model, optimizer, train window, clock, log) is
 one RunState, whose methods resume it, evaluate, checkpoint and write the run folder's records.
 Every optimizer goes through the same adapter calls, those of experiments.adapters.Adapter;
@@ -18,7 +18,6 @@ for images, next-token logits for language models).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -43,19 +42,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from experiments import checkpoint, files, schema
+from experiments import checkpoint, files, run_folder, schema
 from experiments.adapters import Adapter
 from experiments.loggers import MetricsLog, run_metadata, write_json
 from experiments.validation import check_config
 
-# Config sections a resumed run must share with its checkpoint (the rest may change: a
-# longer budget, another device, another logger).
-SAME_ON_RESUME = ("dataset", "model", "optimizer", "seed")
+# A resumed run must share its checkpoint's whole configuration (experiments.run_folder.identity:
+# every dataset, model, optimizer, trainer and seed key but where and how fast it runs) and its code
+# (run_folder.code_digest), the latter unless trainer.resume_across_code_change=true.
 # Preemption notices: SIGTERM (scontrol requeue, a preempting job, a time limit without warning),
+# SIGHUP (the terminal or ssh session of the run closed),
 # SIGUSR1 (slurm/run.sbatch's --signal=B:USR1@120, forwarded by its trap) and SIGUSR2 (the
 # submitit launcher's --signal=USR2@signal_delay_s). The run checkpoints at the end of the current
 # step, then hands the signal to the handler that was installed before (submitit's requeue).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass
@@ -95,6 +95,8 @@ class RunState:
     elapsed_before: float = 0.0  # the wall time of the jobs before this one
     started: float = field(default_factory=time.time)  # this job's start: max_time counts from here
     log: MetricsLog | None = None  # metrics.csv and W&B, on the main rank only
+    # each resume by other code than the checkpoint's: {step, from, to} (trainer.resume_across_code_change)
+    code_changes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def distributed(self) -> bool:
@@ -126,12 +128,14 @@ class RunState:
         # each rank's own generators (a run resumed on fewer ranks takes the first ones)
         checkpoint.set_rng_state(state["rng"][self.rank % len(state["rng"])])
         self.step, self.elapsed_before = state["step"], state["elapsed_s"]
+        self.code_changes = list(state.get("code_changes", []))
 
     def write_start_records(self, resumed_at_step: int | None) -> None:
         """config.yaml, and meta.json saying the run is running (and from which step it resumed)."""
         with files.atomic_write(os.path.join(self.run_dir, "config.yaml")) as f:
             f.write(OmegaConf.to_yaml(self.config))
         meta = run_metadata(self.cfg.seed, self.device, self.world_size)
+        meta.update(record_of_identity(self.config, self.code_changes))
         meta["status"] = "running"
         meta["resumed_at_step"] = resumed_at_step
         write_json(meta, self.meta_path)
@@ -168,7 +172,7 @@ class RunState:
                 "step": self.step, "finished": finished, "summary": summary, "config": self.config,
                 "model": self.model.state_dict(), "optimizer": self.adapter.state_dict(),
                 "scaler": self.scaler.state_dict(), "window": self.window.state_dict(), "rng": rng,
-                "elapsed_s": self.elapsed(),
+                "elapsed_s": self.elapsed(), **record_of_identity(self.config, self.code_changes),
             }
             # a diverged state never replaces the last good checkpoint, even between logged rows
             problem = _non_finite_state(payload, self.adapter.step_sizes())
@@ -187,7 +191,8 @@ class RunState:
             record["summary"] = summary
         if status == "preempted":
             record["signal"] = signal_name
-        write_json({**_read_json(self.meta_path), **record}, self.meta_path)
+        write_json({**files.read_json(self.meta_path, "it is rewritten when the run starts again"), **record},
+                   self.meta_path)
 
 
 def train(cfg: DictConfig, run_dir: str) -> TrainResult:
@@ -219,17 +224,16 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
     # -- run folder: locked, cleared of killed writers' temporaries, resumed from its checkpoint --
     os.makedirs(run_dir, exist_ok=True)
     if rank == 0:
-        run_folder_lock.enter_context(files.RunLock(run_dir))
+        run_folder_lock.enter_context(files.RunLock(run_dir, cfg.get("run_root")))
         files.remove_temporaries(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     state = checkpoint.load_for_resume(checkpoint_path)
-    if state is not None:
-        changed = [key for key in SAME_ON_RESUME if state["config"].get(key) != config.get(key)]
-        if changed:
-            raise ValueError(f"{run_dir} holds a checkpoint of another configuration (it differs in {changed}); "
-                             "use another run_root or delete the folder")
+    code_change = None if state is None else check_resume(state, config, run_dir, checkpoint_path)
     if state is not None and state["finished"]:
+        if rank == 0 and not os.path.exists(os.path.join(run_dir, "meta.json")):
+            write_json(run_folder.meta_from_checkpoint(state), os.path.join(run_dir, "meta.json"))
+            print(f"{run_dir}: meta.json was missing; rebuilt from {checkpoint_path}")
         print(f"{run_dir} already holds a finished run; delete the folder to run it again")
         if created_group:
             dist.destroy_process_group()
@@ -274,6 +278,8 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
                    amp_dtype=amp_dtype, window=_Window(device))
     if state is not None:
         run.resume(state)
+        if code_change is not None:
+            run.code_changes.append(code_change)
 
     # -- preemption: from here on a stop signal is recorded and acted on at the end of a step ---------
     stops = _StopSignals()
@@ -296,6 +302,8 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
             run.write_start_records(resumed_at_step=None if state is None else state["step"])
     except BaseException:
         stops.restore()
+        if run.log is not None:
+            run.log.close()  # no W&B run left open in the process
         raise
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -392,6 +400,9 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
         }
         if status == "finished":  # the last checkpoint, with the stop signals still caught
             run.save_checkpoint(finished=True, summary=summary)
+    except KeyboardInterrupt:
+        status = "interrupted"  # Ctrl-C: not finished and not diverged; the same command continues it
+        raise
     except BaseException:
         status = "failed"
         raise
@@ -414,6 +425,37 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
 
 
 # -- helpers (in the order the loop uses them) -------------------------------------------------------
+
+
+def record_of_identity(config: dict[str, Any], code_changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """What meta.json and every checkpoint record of the run's identity (experiments/run_folder.py)."""
+    return {"config_sha256": run_folder.config_digest(config), "code_sha256": run_folder.code_digest(),
+            "code_changes": code_changes}
+
+
+def check_resume(state: dict[str, Any], config: dict[str, Any], run_dir: str, checkpoint_path: str
+                 ) -> dict[str, Any] | None:
+    """Refuse a checkpoint of another configuration, naming the keys that differ, or of other code
+    unless trainer.resume_across_code_change; returns the code change to record, or None."""
+    changed = run_folder.differences(state["config"], config)
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds a run of another configuration, which this one would continue as if it were its "
+            "own. It differs in (its checkpoint's -> this command's):\n  " + "\n  ".join(changed) + "\nRun it "
+            "with its own settings (its config.yaml), or give this configuration a folder of its own: another "
+            "run_root, or delete the folder (rm -r " + run_dir + ") to start it over")
+    recorded, current = state.get("code_sha256"), run_folder.code_digest()
+    if state["finished"] or recorded == current:
+        return None
+    if not config["trainer"].get("resume_across_code_change"):
+        was = f"code {recorded[:12]}" if recorded else "code of a version that recorded none"
+        raise ValueError(
+            f"{checkpoint_path} was written by other code ({was}, now {current[:12]}: a file of metaopt/ or "
+            f"experiments/ changed since), so its steps from {state['step']} on would come from other code than "
+            "those before. To continue it anyway, and record where, add trainer.resume_across_code_change=true "
+            "(meta.json's code_changes); to run it with the new code from the start, delete the folder "
+            f"(rm -r {run_dir}); or go back to the code it ran with")
+    return {"step": state["step"], "from": recorded, "to": current}
 
 
 def build_adapter(optimizer_cfg: DictConfig, model: nn.Module, total_steps: int) -> Adapter:
@@ -656,6 +698,8 @@ class _StopSignals:
         self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
             for signum in STOP_SIGNALS:
+                if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # started with nohup: a closed terminal is not a reason to stop
                 self.previous[signum] = signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame: Any) -> None:
@@ -696,8 +740,3 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)

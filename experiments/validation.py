@@ -86,6 +86,7 @@ TRAINER = {
     "device": Setting("str", pattern=r"auto|cpu|mps|cuda(:\d+)?", meaning="auto, cpu, mps, cuda or cuda:<index>"),
     "num_workers": Setting("int", low=0),
     "progress_bar": Setting("bool"),
+    "resume_across_code_change": Setting("bool"),
 }
 
 # conf/logger/*.yaml
@@ -96,6 +97,9 @@ WANDB = {
     "entity": Setting("str", nullable=True),
     "mode": Setting("str", choices=WANDB_MODES, nullable=True, meaning="null: WANDB_MODE, else online when logged in"),
     "tags": Setting("list"),
+    "group": Setting("str", nullable=True),
+    "job_type": Setting("str", nullable=True),
+    "notes": Setting("str", nullable=True),
 }
 
 # The keywords of the dataset builders (experiments/data/), wherever a builder takes them; a
@@ -130,6 +134,7 @@ MODEL = {
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ValueError naming the first key whose value is not allowed, or that nothing reads."""
+    _check_time_independent(OmegaConf.to_container(cfg, resolve=False))
     _check_section(cfg.trainer, "trainer", TRAINER, "conf/trainer/default.yaml")
     if cfg.trainer.max_steps is None and cfg.trainer.epochs is None:
         raise ValueError("set the length of the run: trainer.max_steps=<steps> or trainer.epochs=<epochs>")
@@ -148,6 +153,21 @@ def check_config(cfg: DictConfig) -> None:
 
     _check_builder(cfg.dataset, "dataset", DATASET)
     _check_builder(cfg.model, "model", MODEL)
+
+
+def _check_time_independent(node: Any, prefix: str = "") -> None:
+    """Refuse a value drawn from the clock (${now:...}): each resolution gives another one, so the run
+    folder's name, the recorded config and the run itself would disagree (a seed=29 folder running seed 31)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_time_independent(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_time_independent(value, f"{prefix}[{index}]")
+    elif isinstance(node, str) and "${now:" in node.replace(" ", ""):
+        raise ValueError(f"{prefix}={node!r} is not allowed: a value drawn from the clock changes at each use, so "
+                         "the run folder's name, its recorded config and the run would each get another one. Give "
+                         f"the value itself (e.g. {prefix}=$(date +%s) in the shell)")
 
 
 def _check_section(section: Any, prefix: str, settings: dict[str, Setting], defined_in: str) -> None:

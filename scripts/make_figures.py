@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import statistics
 from collections import defaultdict
@@ -35,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import dropin  # noqa: E402
 from experiments.reproduce import ITEMS, compose_experiment, expected_runs, select, tune_seed  # noqa: E402
-from experiments.schema import (QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
+from experiments.schema import (COSTS, PROGRESS, QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
                                 swept_keys, tuning_score)
 
 SUMMARY_METRICS = (*QUALITY, STEP_SIZE)
@@ -49,7 +50,26 @@ def read_runs(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `make {path.parent.name}` (it sweeps, then collects)")
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        text = f.read()
+    again = f"collect it again: python scripts/collect_runs.py {path.parent.name} --scale <scale> --out {path.parent}"
+    if text and not text.endswith("\n"):
+        raise ValueError(f"{path} is torn: its last line has no line break (a write cut off by a kill or a full "
+                         f"disk), so its last values cannot be trusted; {again}")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = list(reader)
+    numeric = [column for column in reader.fieldnames or [] if column in (*PROGRESS, *QUALITY, *COSTS)
+               or is_step_size(column)]
+    for number, row in enumerate(rows, start=2):
+        if None in row or None in row.values():
+            raise ValueError(f"{path}, line {number}: {len(reader.fieldnames)} columns expected, the row has "
+                             f"{sum(value is not None for key, value in row.items() if key is not None) + len(row.get(None) or [])}"
+                             f"; {again}")
+        for column in numeric:
+            try:
+                float(row[column] or 0)
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: {column} is {row[column]!r}, not a number; {again}") from None
+    return rows
 
 
 def group_runs(item: str, rows: list[dict[str, str]]):
@@ -61,6 +81,11 @@ def group_runs(item: str, rows: list[dict[str, str]]):
         raise ValueError(f"results/{item}/runs.csv mixes scales {sorted(scales)}: collect one scale per item")
     scale = scales.pop()
     cfg = compose_experiment(item, scale)
+    absent = [metric for metric in cfg.figure.get("metrics") or [] if not any(
+        column == metric or (metric == STEP_SIZE and is_step_size(column)) for column in rows[0])]
+    if absent:
+        raise ValueError(f"results/{item}/runs.csv has no column {', '.join(absent)}, which the figure draws "
+                         f"(figure.metrics of conf/experiment/{item}.yaml): collect it again from the run folders")
     swept = swept_keys(run.values for run in expected_runs(cfg))
     by_run = defaultdict(list)
     for row in rows:  # a row's run key, as Run.key, from its columns of the swept keys

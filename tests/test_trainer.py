@@ -201,16 +201,22 @@ def test_max_time_checkpoints_and_the_next_run_continues(tmp_path):
 
 def test_resume_refuses_a_folder_of_another_configuration(tmp_path):
     train(compose_train(*TINY, "optimizer=adamw"), str(tmp_path))
-    with pytest.raises(ValueError, match=r"another configuration \(it differs in \['optimizer'\]\)"):
+    with pytest.raises(ValueError, match=r"another configuration.*\n  optimizer.lr: 1e-05 -> 0.1\n"):
         train(compose_train(*TINY, "optimizer=adamw", "optimizer.lr=0.1"), str(tmp_path))
 
 
 def read_wandb_history(run_file: str) -> list[dict]:
-    """The history rows of a .wandb file (a LevelDB-style log of protobuf records)."""
+    """The history rows of a .wandb file."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in read_wandb_records(run_file, "history")]
+
+
+def read_wandb_records(run_file: str, record_type: str) -> list:
+    """The records of one type ("history", "run", ...) of a .wandb file (a LevelDB-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2
 
     raw = Path(run_file).read_bytes()
-    block, pos, pending, rows = 32768, 7, b"", []  # 7 bytes of file header: ":W&B", magic, version
+    block, pos, pending, records = 32768, 7, b"", []  # 7 bytes of file header: ":W&B", magic, version
     while pos + 7 <= len(raw):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
@@ -222,16 +228,22 @@ def read_wandb_history(run_file: str) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return rows
+            if record.WhichOneof("record_type") == record_type:
+                records.append(record)
+    return records
 
 
-def test_wandb_offline_logs_the_step_sizes(tmp_path, monkeypatch):
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch) -> Path:
+    """W&B offline, writing under tmp_path/wandb_dir (returned)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wandb_dir").mkdir()
+    return tmp_path / "wandb_dir"
+
+
+def test_wandb_offline_logs_the_step_sizes(tmp_path, offline_wandb):
     cfg = compose_train(*TINY, "optimizer=metaopt_adamw_adam", "logger=wandb")
     train(cfg, str(tmp_path / "run"))
 
