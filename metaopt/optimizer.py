@@ -341,14 +341,16 @@ class MetaOptimize(Optimizer):
         plan.check_step_inputs(self.param_groups, [(index, [p for p in group["params"] if p.grad is not None])
                                                    for index, group in enumerate(self.param_groups)], self.state)
         layout = self._placements
-        everything = [p for group in self.param_groups for p in group["params"]]
+        # zero-element parameters have nothing to update: left out, with the blocks only they hold
+        everything = [p for group in self.param_groups for p in group["params"] if p.numel()]
         numbered = {layout[id(p)].number: layout[id(p)] for p in everything}
-        blocks = [numbered[number] for number in range(len(numbered))]  # Param.block is the index in this list
+        index_of = {number: index for index, number in enumerate(sorted(numbered))}  # Param.block: index in blocks
+        blocks = [numbered[number] for number in sorted(numbered)]
         # every block's state, also of blocks without a gradient this step: each is a column of H
         self._init_states(everything, hessian.trace_columns(self.approx, len(blocks)))
         groups = [
-            (group, [hessian.Param(p, self.state[p], layout[id(p)].number, layout[id(p)].view_shape)
-                     for p in group["params"] if p.grad is not None])
+            (group, [hessian.Param(p, self.state[p], index_of[layout[id(p)].number], layout[id(p)].view_shape)
+                     for p in group["params"] if p.grad is not None and p.numel()])
             for group in self.param_groups
         ]
         hessian.step(
@@ -379,7 +381,7 @@ class MetaOptimize(Optimizer):
 
     def _plan(self) -> plan.Plan:
         """The plan of this step (:mod:`metaopt.plan`), with the state of every parameter with a
-        gradient created; kept while the parameters with gradients and their sizes in bytes stay the
+        gradient created; kept while the parameters with gradients and their shapes and dtypes stay the
         same (:func:`metaopt.plan.signature`; built at every traced step under torch.compile, where it
         stays per tensor). A new plan is built after :func:`metaopt.plan.check_step_inputs`."""
         groups = [(index, [p for p in group["params"] if p.grad is not None]) for index, group in enumerate(self.param_groups)]

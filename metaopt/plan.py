@@ -41,7 +41,7 @@ which only some of them had gradients) are checked once, reading the counters ba
 if they differ, they keep a :class:`TensorSegment`.
 
 The plan is built when the parameters with gradients, the param groups, or the parameters'
-sizes in bytes change (:func:`signature`; :meth:`metaopt.MetaOptimize._plan`), and under
+shapes or dtypes change (:func:`signature`; :meth:`metaopt.MetaOptimize._plan`), and under
 ``torch.compile`` at every traced step (per tensor: Inductor fuses the ops anyway).
 """
 
@@ -402,14 +402,15 @@ def check_params(group: dict[str, Any], index: int) -> None:
 
 def signature(groups: list[tuple[int, list[Tensor]]]) -> list:
     """What the plan's segments and state were made for besides the parameters themselves, compared
-    at every step in one C loop (2-3 microseconds for 60 tensors): each parameter's number of bytes,
-    which ``model.double()``, ``.half()``, ``.float()`` and pruning all change. A swap between two
-    dtypes of one size (bfloat16 and float16), a reshape to as many elements, or a gradient that
-    becomes sparse while the parameters stay the same are found where the plan is next built."""
-    return [list(map(_NBYTES, params)) for _, params in groups]
+    at every step in C loops (about 8 microseconds for 60 tensors): each parameter's shape and dtype,
+    which ``model.double()``, ``.half()``, a swap between bfloat16 and float16, pruning and a reshape
+    all change. A gradient that becomes sparse while the parameters stay the same is found where the
+    plan is next built."""
+    return [(list(map(_SHAPE, params)), list(map(_DTYPE, params))) for _, params in groups]
 
 
-_NBYTES = attrgetter("nbytes")
+_SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
 
 
 def check_step_inputs(param_groups: list[dict[str, Any]], groups: list[tuple[int, list[Tensor]]], state) -> None:

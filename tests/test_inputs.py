@@ -1,6 +1,7 @@
 """What a step cannot take is refused before any work, with an error that names the parameter and
 the fix: complex parameters, sparse gradients, a negative or non-finite lr (float or tensor), a
-parameter whose dtype or shape changed since its state was made. Zero-element parameters are
+parameter whose dtype or shape changed since its state was made (a swap between two dtypes of
+one size and a reshape to as many elements too). Zero-element parameters are
 skipped in every granularity."""
 
 from __future__ import annotations
@@ -110,6 +111,33 @@ def test_zero_element_parameters_are_skipped(blocks, kernel):
     assert logged == pytest.approx(expected_logged, rel=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("approx", ["l", "2x2"])
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_zero_element_parameters_are_skipped_by_the_steps_keeping_the_hessian(blocks, approx):
+    """The same with Hessian-vector products: the empty tensors hold no block and no column of H."""
+    results = []
+    for with_empty in (False, True):
+        model, loss = model_and_loss()
+        params = list(model.named_parameters())
+        if with_empty:
+            params.insert(1, ("empty.weight", nn.Parameter(torch.zeros(0, 3))))
+            params.append(("empty.bias", nn.Parameter(torch.zeros(0))))
+        optimizer = MetaOptimize(params, "adamw", "adam", blocks, approx=approx, alpha0=1e-2, meta_lr=0.05)
+
+        def closure():
+            optimizer.zero_grad()
+            value = loss() + sum(p.sum() for _, p in params if p.numel() == 0)
+            value.backward(create_graph=True)
+            return value
+
+        for _ in range(3):
+            optimizer.step(closure)
+        results.append(snapshot(model))
+    for value, reference in zip(*reversed(results)):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("lr", [-1e-3, float("nan"), float("inf"), torch.tensor(-0.5), torch.tensor(float("nan"))])
 def test_a_negative_or_nonfinite_lr_is_refused_at_construction(lr):
     params = [nn.Parameter(torch.randn(2))]
@@ -172,6 +200,34 @@ def test_a_parameter_whose_shape_changed_is_refused(kernel):
     loss().backward()
     assert_refused_before_any_work(model, optimizer, ValueError, r"parameter '2.weight' is now torch.float32 of shape "
                                    r"\(1, 4\), but its optimizer state was made for torch.float32 of shape \(2, 4\)")
+
+
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_a_swap_between_two_dtypes_of_one_size_is_refused(kernel):
+    """bfloat16 to float16 keeps every parameter's size in bytes."""
+    model, loss = model_and_loss()
+    model.bfloat16()
+    optimizer = MetaOptimize(model.named_parameters(), "adamw", "adam", kernel=kernel)
+    loss().backward()
+    optimizer.step()
+    model.half()
+    optimizer.zero_grad()
+    loss().backward()
+    assert_refused_before_any_work(model, optimizer, ValueError, r"parameter '0.weight' is now torch.float16 of shape "
+                                   r"\(4, 3\), but its optimizer state was made for torch.bfloat16")
+
+
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+def test_a_reshape_to_as_many_elements_is_refused(kernel):
+    model, loss, optimizer = stepped_once(kernel, "nodewise")
+    weight = model[2].weight
+    optimizer.zero_grad()
+    loss().backward()
+    with torch.no_grad():
+        weight.data = weight.data.reshape(4, 2)
+        weight.grad = weight.grad.reshape(4, 2)
+    assert_refused_before_any_work(model, optimizer, ValueError, r"parameter '2.weight' is now torch.float32 of shape "
+                                   r"\(4, 2\), but its optimizer state was made for torch.float32 of shape \(2, 4\)")
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
