@@ -84,10 +84,9 @@ def test_a_gradient_that_becomes_sparse_is_refused_when_the_parameters_with_grad
     assert_refused_before_any_work(model, optimizer, TypeError, "'0.weight' has a torch.sparse_coo gradient")
 
 
-@pytest.mark.parametrize("kernel", EAGER_KERNELS)
-@pytest.mark.parametrize("blocks", BLOCKS)
-def test_zero_element_parameters_are_skipped(blocks, kernel):
-    """A model with empty tensors steps as the model without them, and logs its step sizes."""
+def trained_with_and_without_empty_tensors(blocks, train, **options):
+    """The weights and logged step sizes of the model after ``train(optimizer, loss, params)``, first
+    alone, then with an empty weight between its first weight and bias and an empty bias at the end."""
     results = []
     for with_empty in (False, True):
         model, loss = model_and_loss()
@@ -95,7 +94,26 @@ def test_zero_element_parameters_are_skipped(blocks, kernel):
         if with_empty:
             params.insert(1, ("empty.weight", nn.Parameter(torch.zeros(0, 3))))
             params.append(("empty.bias", nn.Parameter(torch.zeros(0))))
-        optimizer = MetaOptimize(params, "adamw", "adam", blocks, kernel=kernel, alpha0=1e-2, meta_lr=0.05)
+        optimizer = MetaOptimize(params, "adamw", "adam", blocks, alpha0=1e-2, meta_lr=0.05, **options)
+        train(optimizer, loss, params)
+        logged = optimizer.step_sizes()
+        results.append((snapshot(model), {key: value for key, value in logged.items() if "empty" not in key}))
+    return results
+
+
+def assert_same_training(results):
+    (expected, expected_logged), (weights, logged) = results
+    for value, reference in zip(weights, expected):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0)
+    assert logged == pytest.approx(expected_logged, rel=1e-12)
+
+
+@pytest.mark.parametrize("kernel", EAGER_KERNELS)
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_zero_element_parameters_are_skipped(blocks, kernel):
+    """A model with empty tensors steps as the model without them, and logs its step sizes."""
+
+    def train(optimizer, loss, params):
         for _ in range(3):
             optimizer.zero_grad()
             loss().backward()
@@ -103,12 +121,8 @@ def test_zero_element_parameters_are_skipped(blocks, kernel):
                 if p.numel() == 0:
                     p.grad = torch.zeros_like(p)
             optimizer.step()
-        logged = optimizer.step_sizes()
-        results.append((snapshot(model), {key: value for key, value in logged.items() if "empty" not in key}))
-    (expected, expected_logged), (weights, logged) = results
-    for value, reference in zip(weights, expected):
-        torch.testing.assert_close(value, reference, rtol=0, atol=0)
-    assert logged == pytest.approx(expected_logged, rel=1e-12)
+
+    assert_same_training(trained_with_and_without_empty_tensors(blocks, train, kernel=kernel))
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
@@ -116,15 +130,8 @@ def test_zero_element_parameters_are_skipped(blocks, kernel):
 @pytest.mark.parametrize("blocks", BLOCKS)
 def test_zero_element_parameters_are_skipped_by_the_steps_keeping_the_hessian(blocks, approx):
     """The same with Hessian-vector products: the empty tensors hold no block and no column of H."""
-    results = []
-    for with_empty in (False, True):
-        model, loss = model_and_loss()
-        params = list(model.named_parameters())
-        if with_empty:
-            params.insert(1, ("empty.weight", nn.Parameter(torch.zeros(0, 3))))
-            params.append(("empty.bias", nn.Parameter(torch.zeros(0))))
-        optimizer = MetaOptimize(params, "adamw", "adam", blocks, approx=approx, alpha0=1e-2, meta_lr=0.05)
 
+    def train(optimizer, loss, params):
         def closure():
             optimizer.zero_grad()
             value = loss() + sum(p.sum() for _, p in params if p.numel() == 0)
@@ -133,9 +140,8 @@ def test_zero_element_parameters_are_skipped_by_the_steps_keeping_the_hessian(bl
 
         for _ in range(3):
             optimizer.step(closure)
-        results.append(snapshot(model))
-    for value, reference in zip(*reversed(results)):
-        torch.testing.assert_close(value, reference, rtol=0, atol=0)
+
+    assert_same_training(trained_with_and_without_empty_tensors(blocks, train, approx=approx))
 
 
 @pytest.mark.parametrize("lr", [-1e-3, float("nan"), float("inf"), torch.tensor(-0.5), torch.tensor(float("nan"))])
