@@ -215,7 +215,8 @@ def plot(item: str, cfg, chosen, runs, out: Path) -> None:
             axes[row][col].set_xlabel("step")
             axes[row][col].grid(alpha=0.3)
         axes[0][col].legend(fontsize=7)
-    fig.suptitle(f"{fig_cfg.title} ({cfg_scale(cfg)} scale)", fontsize=10)
+    scale = scale_label(item, cfg, runs, separator="\n")  # the stand-ins on a line of their own
+    fig.suptitle(f"{fig_cfg.title} ({scale})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / f"{item}.png", dpi=110)
     plt.close(fig)
@@ -263,7 +264,8 @@ def sensitivity_plot(item: str, cfg, chosen, runs, out: Path) -> None:
         ax.set_title(sweep.title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{fig_cfg.title} ({cfg_scale(cfg)} scale); x: diverged", fontsize=10)
+    scale = scale_label(item, cfg, runs, separator="\n")
+    fig.suptitle(f"{fig_cfg.title} ({scale}); x: diverged", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / f"{item}.png", dpi=110)
     plt.close(fig)
@@ -271,6 +273,21 @@ def sensitivity_plot(item: str, cfg, chosen, runs, out: Path) -> None:
 
 def cfg_scale(cfg) -> str:
     return cfg.hydra.runtime.choices.get("scale", "full")
+
+
+def scale_label(item: str, cfg, runs, separator: str = "; ") -> str:
+    """The scale, and, where its runs trained other data or models than the item's at full scale, which
+    stood in for which, as the composed configs name them: "mini scale; fashion_mnist, mlp_6blocks in
+    place of cifar10, resnet18_cifar" (``separator`` between the two)."""
+    scale = cfg_scale(cfg)
+    if scale == "full":
+        return "full scale"
+    task = ("dataset", "model")
+    paper = {run.grid: tuple(run.values.get(key) for key in task) for run in expected_runs(compose_experiment(item, "full"))}
+    ran = {run.grid: tuple(rows[0].get(key) for key in task) for run, rows in runs}
+    stand_ins = dict.fromkeys((ran[grid], paper[grid]) for grid in ran if grid in paper and ran[grid] != paper[grid])
+    return separator.join([f"{scale} scale"] + [f"{', '.join(filter(None, used))} in place of {', '.join(filter(None, of))}"
+                                          for used, of in stand_ins])
 
 
 def median_step_ms(rows: list[dict[str, str]]) -> float:
@@ -294,7 +311,7 @@ def table(item: str, cfg, runs, out: Path) -> Path:
             measured[grid][arm] = tuple(statistics.fmean(v) for v in zip(*values))
     arms = list(dict.fromkeys(arm for grid in grids for arm in measured[grid]))
     header = "| optimizer | " + " | ".join(f"{titles[g]}: step ms | time | peak MB | memory" for g in grids) + " |"
-    lines = [f"# {fig_cfg.title} ({cfg_scale(cfg)} scale)", "",
+    lines = [f"# {fig_cfg.title} ({scale_label(item, cfg, runs)})", "",
              f"Time: (T_alg - T_{fig_cfg.baseline}) / T_{fig_cfg.baseline}, T the median training-step time. "
              "Memory: peak memory against the baseline's (the paper's space overhead compares the largest "
              "batches that fit instead: scripts/bench_overhead.py).", "",

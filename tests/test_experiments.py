@@ -391,3 +391,12 @@ def test_fig1_smoke_sweep_through_submitit_local(tmp_path):
     assert len(summary) == EXPECTED_RUNS["fig1"]["smoke"]
     # each tuned base contributes one selected step size
     assert sorted(row["arm"] for row in summary if row["selected"] == "yes") == ["adamw", "lion", "rmsprop", "sgdm"]
+
+
+def test_a_figure_names_the_data_and_model_that_stood_in_for_the_papers(tmp_path):
+    """The smoke sweep of Fig. 2 trains digits on resnet_mini: its title says so, not just "CIFAR-10"."""
+    results = _fixture_results(tmp_path)
+    cfg, _, runs = make_figures.group_runs("fig2", make_figures.read_runs(results / "fig2" / "runs.csv"))
+    assert make_figures.scale_label("fig2", cfg, runs) == "smoke scale; digits, resnet_mini in place of cifar10, resnet18_cifar"
+    full = compose_experiment("fig2", "full")
+    assert make_figures.scale_label("fig2", full, []) == "full scale"
