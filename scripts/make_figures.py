@@ -11,7 +11,8 @@ the scale recorded in the CSV) and stops, naming them, if a run is missing or un
   the best on that seed (the one that ran the other seeds); a run that diverged ranks last;
 - results/<item>/<item>.png: the curves (mean over seeds, band of +-1 std when n > 1) of each
   figure.metrics row for each figure.panels column, or, for kind step_sizes, every step size the
-  runs logged (one per block for the blockwise runs);
+  runs logged (one per block for the blockwise runs); the arms that figure.baselines lists dashed, the others
+  (MetaOptimize's) solid;
 - results/<item>/summary.csv: every setting's final values (mean, std, n), and which were chosen;
 - for Table 1 (kind table), results/table1/table1.md: each optimizer's median training-step time
   and peak memory against the baseline's (AdamW), one column pair per task;
@@ -181,6 +182,7 @@ def plot(item: str, cfg, chosen, runs, out: Path) -> None:
     fig_cfg = cfg.figure
     panels = list(fig_cfg.panels)
     step_size_kind = fig_cfg.kind == "step_sizes"
+    baselines = set(fig_cfg.get("baselines") or [])  # dashed; MetaOptimize's arms solid
     metrics = list(fig_cfg.metrics)
     nrows = 1 if step_size_kind else len(metrics)
     fig, axes = plt.subplots(nrows, len(panels), figsize=(max(6.4, 4.8 * len(panels)), 3.4 * nrows), squeeze=False)
@@ -202,8 +204,7 @@ def plot(item: str, cfg, chosen, runs, out: Path) -> None:
                 steps, means, stds = _series(seeds, metric)
                 if not steps:
                     continue
-                learned = seeds[0][0].get("optimizer", "").startswith("metaopt_")  # MetaOptimize solid, baselines dashed
-                ax.plot(steps, means, color=color, label=label, linestyle="-" if learned else "--")
+                ax.plot(steps, means, color=color, label=label, linestyle="--" if arm in baselines else "-")
                 if len(seeds) > 1:
                     ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                                     color=color, alpha=0.15)

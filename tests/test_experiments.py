@@ -77,6 +77,17 @@ def test_every_paper_item_has_an_experiment_with_its_command():
 
 
 @pytest.mark.parametrize("item", ITEMS)
+def test_a_figures_baselines_are_arms_of_its_panels(experiments, item):
+    """figure.baselines (drawn dashed) names arms the panels draw: a misspelt one would draw solid."""
+    fig_cfg = experiments[(item, "full")].figure
+    baselines = set(fig_cfg.get("baselines") or [])
+    arms = {arm for panel in fig_cfg.get("panels") or [] for arm in panel.get("arms") or []}
+    assert baselines <= arms
+    if fig_cfg.kind == "curves" and fig_cfg.tuned:  # a figure with fixed-step or tuned baselines declares them
+        assert set(fig_cfg.tuned) <= baselines
+
+
+@pytest.mark.parametrize("item", ITEMS)
 @pytest.mark.parametrize("scale", SCALES)
 def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
     cfg = experiments[(item, scale)]
