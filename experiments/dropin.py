@@ -246,7 +246,7 @@ def _mean_series(seeds: Sequence[Sequence[Mapping[str, str]]], metric: str) -> t
 def estimate(cfg: Any) -> tuple[int, float]:
     """(runs, wall seconds) of the sweep at cfg's scale: each run's start-up and steps at the measured
     SECONDS_PER_STEP of its task, hydra.sweeper.max_batch_size runs at a time."""
-    from experiments.reproduce import expected_runs
+    from experiments.sweeps import expected_runs
 
     task_of = {grid: panel.grid for panel in cfg.figure.panels for grid in (panel.grid, panel.tuned)}
     runs = expected_runs(cfg, tuning_score=lambda run: 0.0)  # the tuned grids' later runs included

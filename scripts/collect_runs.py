@@ -28,7 +28,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from experiments.files import atomic_write, read_json
-from experiments.reproduce import ITEMS, SCALES, Run, compose_experiment, expected_runs, run_dir_key, select
+from experiments.reproduce import ITEMS, SCALES, compose_experiment, run_dir_key
+from experiments.sweeps import Run, expected_runs, select
 from experiments.run_folder import IDENTITY_SECTIONS, differences, manifest_path, read_run
 from experiments.schema import run_key, runs_columns, swept_keys, tuning_score
 

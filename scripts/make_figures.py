@@ -36,7 +36,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import dropin  # noqa: E402
-from experiments.reproduce import ITEMS, compose_experiment, expected_runs, select, tune_seed  # noqa: E402
+from experiments.reproduce import ITEMS, compose_experiment  # noqa: E402
+from experiments.sweeps import expected_runs, select, tune_seed  # noqa: E402
 from experiments.schema import (COSTS, PROGRESS, QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
                                 swept_keys, tuning_score)
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from experiments import checkpoint, dropin
 from experiments.adapters import ScheduleFreeAdapter
-from experiments.reproduce import CONF, SCALES, compose_experiment, expected_runs
+from experiments.reproduce import CONF, SCALES, compose_experiment
+from experiments.sweeps import expected_runs
 from experiments.trainer import _test_batches, build_adapter, train
 from tests.test_trainer import assert_same_state, long_run, train_until_preempted
 from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)

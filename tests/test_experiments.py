@@ -2,6 +2,7 @@
 the paper's protocol implies, figures come from runs.csv alone and refuse an incomplete one, and
 (slow) `make fig1 SCALE=smoke`'s command runs end to end through the submitit local launcher."""
 
+import ast
 import csv
 import math
 import os
@@ -16,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from experiments.reproduce import CONF, ITEMS, SCALES, Run, compose_experiment, expected_runs
-from hydra_plugins.metaopt_grids_sweeper.grids_sweeper import choose_later, expand_grids, tuning_phases
+from experiments.reproduce import CONF, ITEMS, SCALES, compose_experiment
+from experiments.sweeps import Run, choose_later, expand_grids, expected_runs, tuning_phases
 from metaopt.param_groups import RESNET18_BLOCKS, param_groups_by_prefix
 from experiments.models import SixBlockMLP
 from experiments.models.resnet import resnet_mini
@@ -147,7 +148,7 @@ def test_mini_scale_keeps_the_algorithms_settings(experiments, item):
             first.setdefault(run.arm, run)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for run in first.values():
-            job = compose("train", overrides=[f"experiment={item}", f"scale=mini", *run.overrides])
+            job = compose("train", overrides=[f"experiment={item}", "scale=mini", *run.overrides])
             paper = compose("train", overrides=[f"optimizer={run.values['optimizer']}"]).optimizer
             for key in ("alpha0", "gamma", "meta_momentum", "meta_normalizer", "weight_decay", "momentum"):
                 if f"optimizer.{key}" not in run.values:
@@ -411,3 +412,15 @@ def test_a_figure_names_the_data_and_model_that_stood_in_for_the_papers(tmp_path
     assert make_figures.scale_label("fig2", cfg, runs) == "smoke scale; digits, resnet_mini in place of cifar10, resnet18_cifar"
     full = compose_experiment("fig2", "full")
     assert make_figures.scale_label("fig2", full, []) == "full scale"
+
+
+def test_the_sweeper_plugin_is_glue_that_nothing_in_the_harness_imports():
+    """experiments.sweeps holds the sweep's logic; the plugin imports it, never the other way round."""
+    importers = []
+    for path in sorted((CONF.parent / "experiments").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            if any(name.startswith("hydra_plugins") for name in names):
+                importers.append(str(path))
+    assert importers == []

@@ -36,10 +36,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
@@ -47,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.files import atomic_write
 from experiments.run_folder import manifest_path, read_run
 from experiments.schema import DEFAULT_SELECT, tuning_score
+from experiments.sweeps import Setting, choose_later, expand_grids, setting_of, tuning_phases
 
 log = logging.getLogger(__name__)
 
@@ -63,79 +63,6 @@ class GridsSweeperConf:
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf, provider="metaopt")
-
-
-def expand_grids(grids: Mapping[str, Any], params: Mapping[str, str], arguments: Sequence[str] = (),
-                 config_loader: Any = None) -> List[Tuple[str, List[str]]]:
-    """Every run of the sweep as (grid name, overrides), in grid order, without duplicates.
-
-    The command line's own overrides (arguments) apply to every grid, after the grid's keys,
-    so `seed=0` or `trainer.max_steps=10` on the command line wins over the config.
-    """
-    parser = OverridesParser.create(config_loader=config_loader)
-    runs: List[Tuple[str, List[str]]] = []
-    seen: Set[Tuple[str, ...]] = set()
-    for name, grid in grids.items():
-        if grid is None:
-            continue
-        keyed = {**{str(k): str(v) for k, v in grid.items()}, **{str(k): str(v) for k, v in params.items()}}
-        for argument in arguments:  # a command-line key replaces the grid's own
-            keyed.pop(argument.split("=", 1)[0].lstrip("+~"), None)
-        lines = [f"{k}={v}" for k, v in keyed.items()] + list(arguments)
-        (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
-        for overrides in batch:
-            key = tuple(sorted(overrides))
-            if key not in seen:
-                seen.add(key)
-                runs.append((name, overrides))
-    return runs
-
-
-Setting = Tuple[str, ...]  # a run's overrides without its seed, sorted
-
-
-def setting_of(overrides: Sequence[str]) -> Setting:
-    return tuple(sorted(o for o in overrides if o.split("=", 1)[0] != "seed"))
-
-
-def tuning_phases(runs: Sequence[Tuple[str, List[str]]], tuned: Sequence[str], tune_seed: Optional[str]
-                  ) -> Tuple[List[Tuple[str, List[str]]], Dict[str, Dict[Setting, List[Tuple[str, List[str]]]]]]:
-    """A sweep tuned on one seed, in two phases: (first, later).
-
-    first: the runs of every untuned grid, and each tuned grid's runs on tune_seed, in sweep order;
-    later: {tuned grid: {setting: its runs on the other seeds}}, of which only the best setting
-    (choose_later) runs. With tune_seed None, every run is first.
-    """
-    if tune_seed is None:
-        return list(runs), {}
-
-    def seed_of(overrides: Sequence[str]) -> str:
-        return dict(o.split("=", 1) for o in overrides).get("seed", "0")
-
-    # a setting without a run on the tuning seed (the sweep's seeds leave it out) is not tuned: it runs first
-    tunable = {setting_of(overrides) for _, overrides in runs if seed_of(overrides) == str(tune_seed)}
-    first, later = [], {}
-    for grid, overrides in runs:
-        if grid in tuned and seed_of(overrides) != str(tune_seed) and setting_of(overrides) in tunable:
-            later.setdefault(grid, {}).setdefault(setting_of(overrides), []).append((grid, overrides))
-        else:
-            first.append((grid, overrides))
-    return first, later
-
-
-def choose_later(later: Mapping[str, Mapping[Setting, List[Tuple[str, List[str]]]]],
-                 tuning_score: Callable[[Setting], Optional[float]]) -> List[Tuple[str, List[str]]]:
-    """The later runs of each tuned grid's best setting: the lowest tuning_score(setting)
-    (the tuning seed's run, scored by experiments.schema.score), the first in sweep order on a tie.
-    A grid with a setting not scored yet (its tuning run is not over: experiments.schema.tuning_score)
-    runs nothing later; running the sweep again, once it is, launches them."""
-    chosen = []
-    for settings in later.values():
-        scores = {setting: tuning_score(setting) for setting in settings}
-        if any(value is None for value in scores.values()):
-            continue
-        chosen += settings[min(scores, key=scores.__getitem__)]
-    return chosen
 
 
 class GridsSweeper(BasicSweeper):
