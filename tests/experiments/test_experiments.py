@@ -23,7 +23,7 @@ from metaopt.param_groups import RESNET18_BLOCKS, param_groups_by_prefix
 from experiments.models import SixBlockMLP
 from experiments.models.resnet import resnet_mini
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(ROOT / "scripts"))
 import collect_runs  # noqa: E402

@@ -1,5 +1,5 @@
 """variant="released": the authors' research-code update against an independent reference
-(tests/released_reference.py), for every base, meta, blocks setting and kernel."""
+(tests/metaopt/references.py), for every base, meta, blocks setting and kernel."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from metaopt import BASES, METAS, MetaOptimize
-from tests.released_reference import ReleasedMetaOptimize
-from tests.standard_reference import block_ids
-from tests.test_optimizer import batch, flat, loss_fn, make_net, relative_error, two_groups
+from tests.metaopt.references import (ReleasedMetaOptimize, batch, block_ids, flat, loss_fn, make_net, relative_error,
+                                      two_groups)
 
 PAIRS = list(itertools.product(BASES, METAS))
 # The released code's defaults, written out here so that a change of metaopt's defaults shows.

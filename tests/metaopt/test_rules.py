@@ -1,41 +1,16 @@
-"""Rules carry their hyper-parameters: a new rule is one entry in metaopt/rules.py, and then the
-optimizer, the configs and the benchmark take it by name with no other edit."""
+"""Rules carry their hyper-parameters: a new rule is one entry in metaopt/rules.py (the ``nesterov`` fixture of
+tests/conftest.py), and then the optimizer takes it by name with no other edit (the configs and the benchmark:
+tests/experiments/test_rules.py)."""
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import inspect
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from experiments.trainer import train
 from metaopt import MetaOptimize, rules
-from tests.trainer_helpers import TINY, compose_train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def nesterov_direction(x, moments, hp, step):
-    """Nesterov's momentum with a look-ahead weight: m <- rho*m + x; d = x + lookahead * rho * m."""
-    m = hp["momentum"] * moments["exp_avg"] + x
-    return x + hp["lookahead"] * hp["momentum"] * m, {"exp_avg": m}
-
-
-NESTEROV = rules.Rule({"momentum": 0.9, "lookahead": 1.0}, ("exp_avg",), nesterov_direction,
-                      ranges={"lookahead": (0.0, 1.0, True)})
-
-
-@pytest.fixture
-def nesterov(monkeypatch):
-    """The new rule's one entry: its Rule in RULES, its name in the base tables of both variants."""
-    monkeypatch.setitem(rules.RULES, "nesterov", NESTEROV)
-    monkeypatch.setitem(rules.BASES, "nesterov", "nesterov")
-    monkeypatch.setitem(rules.VARIANTS["released"][0], "nesterov", "nesterov")
 
 
 def test_the_keywords_are_the_rules_hyperparameters():
@@ -64,23 +39,3 @@ def test_a_new_rule_in_the_optimizer(nesterov):
         MetaOptimize(model.parameters(), "nesterov", "adam", lookahead=2.0)
     with pytest.raises(ValueError, match="lookahead does not apply to base 'adamw'"):
         MetaOptimize(model.parameters(), "adamw", "adam", lookahead=0.5)
-
-
-def test_a_new_rule_in_a_config(nesterov, tmp_path):
-    cfg = compose_train(*TINY, "optimizer=metaopt", "optimizer.base=nesterov", "+optimizer.lookahead=0.5")
-    result = train(cfg, str(tmp_path))
-    assert result.summary["status"] == "finished"
-    assert result.adapter.optimizer.defaults["lookahead"] == 0.5
-
-
-def test_a_new_rule_in_the_benchmark(nesterov, tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_step", REPO / "scripts" / "bench_step.py")
-    bench_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_step)
-    out = tmp_path / "proxy"
-    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--proxy", "--pairs", "nesterov/lion", "--rounds", "1",
-                                      "--warmup", "1", "--out", str(out)])
-    bench_step.main()
-    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
-    assert {(row["base"], row["kernel"]) for row in rows} == {("nesterov", "foreach"), ("nesterov", "flat")}
-    assert all(float(row["step_us"]) > 0 and int(row["ops"]) > 0 for row in rows)
