@@ -129,7 +129,7 @@ def test_released_adamw_is_standard_adamw_with_alpha_scaled_by_the_momentum_sum(
         assert relative_error(a, b) < 1e-12, t
     # and the factor is really there: unscaled, the two differ by up to 1 / (1 - rho)
     unscaled = _weight_changes("standard", lambda t: 1.0, steps, rho)
-    assert released[-1].norm() / unscaled[-1].norm() == pytest.approx((1 - rho**steps) / (1 - rho), rel=1e-9)
+    assert (released[-1].norm() / unscaled[-1].norm()).item() == pytest.approx((1 - rho**steps) / (1 - rho), rel=1e-9)
 
 
 def test_released_sgdm_first_step_is_weight_decay_alone():
