@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 stage "CUDA tests" 90 $python -m pytest -q -p no:cacheprovider -o addopts="" --timeout=80 --tb=short --show-capture=no \
-    tests/test_kernels.py tests/test_performance.py -k "cuda"
+    tests/metaopt/test_kernels.py tests/metaopt/test_performance.py -k "cuda"
 
 stage "step time, flat and foreach" 150 $python scripts/bench_step.py --device cuda --kernels flat foreach --blocks scalar \
     --out "$out/bench_step_cuda"
