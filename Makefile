@@ -53,7 +53,7 @@ test-all: $(STAMP)  ## every test, the slow ones too
 	$(PY) -m pytest -q -m ""
 
 # no .venv: its own venv in /tmp with torch and pytest alone, and a copy of metaopt/ and tests/metaopt/
-test-library:  ## the library's fast tests (tests/metaopt/) without the harness: a fresh venv with torch alone (~TIME)
+test-library:  ## the library's fast tests (tests/metaopt/) without the harness: a fresh venv with torch alone (~7-9 min)
 	bash scripts/test_library_alone.sh
 
 # -- the paper's figures (conf/experiment/<item>.yaml; results/README.md) ----------------------------
