@@ -1,0 +1,162 @@
+"""storage="contiguous": parameters and gradients as views of the step's flat buffers, against the
+separate storage (bit for bit: the same arithmetic on the same buffers) and the reference kernel."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from metaopt import BLOCKS, MetaOptimize
+from metaopt.contiguous import ContiguousSegment
+
+PAIRS = [("adamw", "adam"), ("lion", "lion"), ("sgdm", "rmsprop")]
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.hidden = nn.Linear(27, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.conv(x)).flatten(1))))
+
+
+def make(base="adamw", meta="adam", blocks="scalar", kernel="flat", storage="contiguous"):
+    torch.manual_seed(0)
+    model = Small().double()
+    named = list(model.named_parameters())
+    groups = [{"params": named[:2], "weight_decay": 0.1}, {"params": named[2:], "weight_decay": 0.0}]
+    optimizer = MetaOptimize(groups, base, meta, blocks, kernel=kernel, storage=storage, alpha0=1e-2,
+                             meta_lr=0.05, gamma=0.9)
+    return model, optimizer
+
+
+def backward(model, t):
+    generator = torch.Generator().manual_seed(t)
+    x = torch.randn(4, 2, 5, 5, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,), generator=generator)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def train(model, optimizer, steps, start=0, between=None):
+    for t in range(start, start + steps):
+        optimizer.zero_grad()
+        backward(model, t)
+        if between is not None:
+            between(model, t)
+        optimizer.step()
+
+
+def weights_and_step_sizes(model, optimizer):
+    params = list(model.parameters())
+    return (torch.cat([p.detach().reshape(-1) for p in params]),
+            torch.cat([optimizer.step_size(p).expand_as(p).reshape(-1) for p in params]))
+
+
+def assert_same(got, expected, tolerance=0.0):
+    for a, b in zip(got, expected):
+        if tolerance == 0.0:
+            assert torch.equal(a, b)
+        else:
+            assert (a - b).norm() / b.norm() < tolerance
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("base,meta", PAIRS)
+def test_contiguous_storage_equals_the_separate_storage_and_the_reference(base, meta, blocks):
+    results = {}
+    for kernel, storage in (("reference", "separate"), ("flat", "separate"), ("flat", "contiguous")):
+        model, optimizer = make(base, meta, blocks, kernel, storage)
+        train(model, optimizer, 6)
+        results[kernel, storage] = weights_and_step_sizes(model, optimizer)
+    assert_same(results["flat", "contiguous"], results["flat", "separate"])
+    assert_same(results["flat", "contiguous"], results["reference", "separate"], 1e-12)
+    # the comparison has teeth: the step sizes moved away from alpha0
+    assert (results["reference", "separate"][1] / 1e-2).log().abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kernel", ["reference", "foreach"])
+def test_every_kernel_runs_on_the_contiguous_buffers(kernel):
+    """Storage is the layout, the kernel the arithmetic: the reference and foreach arithmetic on the
+    flat buffers give the reference's numbers."""
+    expected_model, expected_optimizer = make(kernel="reference", storage="separate")
+    train(expected_model, expected_optimizer, 5)
+    model, optimizer = make(kernel=kernel)
+    train(model, optimizer, 5)
+    assert all(isinstance(segment, ContiguousSegment) for segment in optimizer._plan().segments)
+    assert_same(weights_and_step_sizes(model, optimizer), weights_and_step_sizes(expected_model, expected_optimizer), 1e-12)
+
+
+def test_parameters_and_gradients_are_views_of_one_buffer_and_backward_fills_it_in_place():
+    model, optimizer = make()
+    train(model, optimizer, 1)
+    for params in (group["params"] for group in optimizer.param_groups):
+        assert len({p.untyped_storage().data_ptr() for p in params}) == 1
+        assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1
+    pointers = [(p.data_ptr(), p.grad.data_ptr()) for p in model.parameters()]
+    optimizer.zero_grad()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # zeroed in place
+    backward(model, 1)
+    backward(model, 2)  # accumulates in place
+    assert [(p.data_ptr(), p.grad.data_ptr()) for p in model.parameters()] == pointers
+    # the gradients accumulated are those of the separate storage
+    separate_model, _ = make(storage="separate")
+    separate_model.load_state_dict(model.state_dict())
+    backward(separate_model, 1)
+    backward(separate_model, 2)
+    for p, q in zip(model.parameters(), separate_model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    optimizer.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_replaced_gradient_or_parameter_is_copied_in_and_becomes_a_view_again():
+    def replace(model, t):
+        if t == 2:  # gradients set to None by the model and recomputed: new tensors
+            model.zero_grad()
+            backward(model, t)
+        if t == 3:  # a gradient assigned, a parameter given new storage
+            model.out.weight.grad = model.out.weight.grad.clone() * 0.5
+            model.hidden.bias.data = model.hidden.bias.data.clone() + 0.25
+
+    results = []
+    for kernel, storage in (("reference", "separate"), ("flat", "contiguous")):
+        model, optimizer = make(kernel=kernel, storage=storage)
+        train(model, optimizer, 6, between=replace)
+        results.append(weights_and_step_sizes(model, optimizer))
+    assert_same(results[1], results[0], 1e-12)
+    segment = optimizer._plan().segments[-1]
+    position = [id(p) for p in segment.params].index(id(model.out.weight))
+    assert model.out.weight.grad is segment.grad_views[position]
+    assert model.hidden.bias.untyped_storage().data_ptr() == model.out.weight.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("blocks", ["scalar", "nodewise", "weightwise"])
+def test_a_checkpoint_stays_per_parameter_and_resumes_bit_for_bit(blocks):
+    straight_model, straight = make(blocks=blocks)
+    train(straight_model, straight, 6)
+    model, optimizer = make(blocks=blocks)
+    train(model, optimizer, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    for values in saved["optimizer"]["state"].values():  # one tensor per parameter, shaped as it
+        assert all(v._base is None or v.numel() == v._base.numel() for v in values.values() if isinstance(v, torch.Tensor))
+    assert all(v.shape == p.shape for v, p in zip(saved["model"].values(), model.parameters()))
+    for storage in ("contiguous", "separate"):
+        resumed_model, resumed = make(blocks=blocks, storage=storage)
+        resumed_model.load_state_dict(saved["model"])
+        resumed.load_state_dict(saved["optimizer"])
+        train(resumed_model, resumed, 3, start=3)
+        assert_same(weights_and_step_sizes(resumed_model, resumed), weights_and_step_sizes(straight_model, straight))
+
+
+def test_an_unknown_storage_is_refused():
+    with pytest.raises(ValueError, match="storage must be one of"):
+        MetaOptimize(Small().parameters(), storage="flat")
