@@ -101,7 +101,9 @@ class MetaOptimize(Optimizer):
             ops on each tensor's own state), ``"compiled"`` (the
             ``foreach`` update compiled by ``torch.compile``, one graph per param group: the fastest
             steps on a CPU after a first step that compiles, 4-13 s for ResNet-18; needs a
-            working Inductor) or ``"reference"`` (one tensor at a time, the equations as written
+            working Inductor), ``"triton"`` (each flat segment's step in two Triton launches, one pass
+            over its memory: :mod:`metaopt.triton_kernel`; CUDA tensors, or a CPU under Triton's
+            interpreter) or ``"reference"`` (one tensor at a time, the equations as written
             above). See :mod:`metaopt.kernels`.
         storage: ``"separate"`` (default: each parameter and gradient keeps its own tensor) or
             ``"contiguous"``: at the first step each param group's parameters (per device and dtype)
@@ -206,15 +208,18 @@ class MetaOptimize(Optimizer):
         hyperparameters.check_param_group(param_group, index, self.defaults, self.base_rule, self.meta_rule,
                                           self._base_name(), self.meta)
         super().add_param_group(param_group)
+        kernel = KERNELS[self.kernel]()
         try:
             plan.check_params(self.param_groups[-1], index)
-        except TypeError:
+            if kernel.check is not None:
+                kernel.check(self.param_groups[-1]["params"], self.base_rule, self.meta_rule)
+        except (TypeError, ValueError):
             self.param_groups.pop()
             raise
         self._placements = self._place()
         hyperparameters.check_shared_blocks(self._placements, self.param_groups, self.meta_rule,
                                             GRANULARITIES[self.granularity].shares, self.granularity)
-        self._kernels.append(KERNELS[self.kernel]())
+        self._kernels.append(kernel)
         self._cached_plan = None
         self._checked_lrs[index] = hyperparameters.lr_mark(self.param_groups[-1]["lr"])
 

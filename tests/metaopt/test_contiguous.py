@@ -26,21 +26,22 @@ class Small(nn.Module):
         return self.out(torch.tanh(self.hidden(torch.tanh(self.conv(x)).flatten(1))))
 
 
-def make(base="adamw", meta="adam", blocks="scalar", kernel="flat", storage="contiguous"):
+def make(base="adamw", meta="adam", blocks="scalar", kernel="flat", storage="contiguous", dtype=torch.float64,
+         device="cpu", **options):
     torch.manual_seed(0)
-    model = Small().double()
+    model = Small().to(dtype=dtype, device=device)
     named = list(model.named_parameters())
     groups = [{"params": named[:2], "weight_decay": 0.1}, {"params": named[2:], "weight_decay": 0.0}]
-    optimizer = MetaOptimize(groups, base, meta, blocks, kernel=kernel, storage=storage, alpha0=1e-2,
-                             meta_lr=0.05, gamma=0.9)
-    return model, optimizer
+    options = {"alpha0": 1e-2, "meta_lr": 0.05, "gamma": 0.9, **options}
+    return model, MetaOptimize(groups, base, meta, blocks, kernel=kernel, storage=storage, **options)
 
 
 def backward(model, t):
     generator = torch.Generator().manual_seed(t)
-    x = torch.randn(4, 2, 5, 5, generator=generator, dtype=torch.float64)
+    x = torch.randn(4, 2, 5, 5, generator=generator, dtype=model.out.weight.dtype)
     y = torch.randint(0, 3, (4,), generator=generator)
-    nn.functional.cross_entropy(model(x), y).backward()
+    device = model.out.weight.device
+    nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
 
 
 def train(model, optimizer, steps, start=0, between=None):
