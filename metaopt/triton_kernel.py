@@ -220,7 +220,7 @@ def _layout(segment: FlatSegment) -> Layout:
     n, beta = segment.traces[0].numel(), segment.beta
     if segment.kind == "weight":
         partials = torch.empty(n, dtype=beta.dtype, device=beta.device)
-        empty = torch.empty(0, dtype=torch.int64, device=beta.device)
+        empty = torch.zeros(1, dtype=torch.int64, device=beta.device)  # not read: a valid pointer
         return Layout(triton.cdiv(n, BLOCK), empty, empty, empty, empty, partials, partials)
     starts, blocks = _runs(segment)
     lengths = torch.diff(starts, append=torch.tensor([n], device=starts.device))

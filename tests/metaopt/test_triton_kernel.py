@@ -40,7 +40,7 @@ THIN = (
 def interpreted(cases: list[dict]) -> dict[str, dict]:
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run([sys.executable, "-m", "tests.metaopt.triton_cases", json.dumps(cases)], cwd=ROOT,
-                               env=environment, capture_output=True, text=True, timeout=900)
+                               env=environment, capture_output=True, text=True, timeout=3000)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -63,6 +63,7 @@ def test_the_triton_kernel_equals_the_reference_under_the_interpreter(case, thin
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_every_base_meta_granularity_and_variant_under_the_interpreter():
     results = interpreted(triton_cases.every_case())
     for name, result in results.items():
