@@ -422,7 +422,7 @@ class MetaOptimize(Optimizer):
         )
         built = plan.build(context, groups, key, fresh, None if compiling else cached)
         if self.storage == "contiguous" and not compiling:
-            built = contiguous.adopt(built)
+            built = contiguous.adopt(built, chunk=self._kernels[0].fused_update is None)
         if not compiling:
             self._cached_plan = built
         return built

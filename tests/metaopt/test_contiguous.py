@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from metaopt import BLOCKS, MetaOptimize
+from metaopt import BLOCKS, MetaOptimize, contiguous
 from metaopt.contiguous import ContiguousSegment
 
 PAIRS = [("adamw", "adam"), ("lion", "lion"), ("sgdm", "rmsprop")]
@@ -161,3 +161,16 @@ def test_a_checkpoint_stays_per_parameter_and_resumes_bit_for_bit(blocks):
 def test_an_unknown_storage_is_refused():
     with pytest.raises(ValueError, match="storage must be one of"):
         MetaOptimize(Small().parameters(), storage="flat")
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_a_cpu_buffer_cut_into_chunks_for_the_eager_kernels_gives_the_same_numbers(blocks, monkeypatch):
+    """Above CPU_CHUNK_NUMEL elements the update sees the buffers in chunks (here 7 elements): the same
+    arithmetic element by element, so bit for bit the unchunked buffers' result."""
+    expected_model, expected = make("adamw", "adam", blocks)
+    train(expected_model, expected, 5)
+    monkeypatch.setattr(contiguous, "CPU_CHUNK_NUMEL", 7)
+    model, optimizer = make("adamw", "adam", blocks)
+    train(model, optimizer, 5)
+    assert min(len(segment.weights) for segment in optimizer._plan().segments) > 1
+    assert_same(weights_and_step_sizes(model, optimizer), weights_and_step_sizes(expected_model, expected))
