@@ -174,3 +174,24 @@ def test_a_cpu_buffer_cut_into_chunks_for_the_eager_kernels_gives_the_same_numbe
     train(model, optimizer, 5)
     assert min(len(segment.weights) for segment in optimizer._plan().segments) > 1
     assert_same(weights_and_step_sizes(model, optimizer), weights_and_step_sizes(expected_model, expected))
+
+
+def held_bytes(model, optimizer) -> int:
+    """The bytes of every distinct storage that the parameters, gradients and optimizer state use."""
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters()]
+    tensors += [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
+    tensors += [buffer for segment in optimizer._plan().segments for buffer in (segment.weights[0], segment.grads)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_contiguous_storage_holds_no_copy_of_the_weights_or_gradients():
+    """The separate storage's flat layout holds a gathered copy of the weights and one of the gradients;
+    the contiguous storage's buffers are the parameters' and gradients' own memory."""
+    held = {}
+    for storage in ("separate", "contiguous"):
+        model, optimizer = make(kernel="flat", storage=storage)
+        train(model, optimizer, 2)
+        held[storage] = held_bytes(model, optimizer)
+    numel = sum(p.numel() for p in model.parameters())
+    assert held["separate"] - held["contiguous"] == 2 * numel * 8  # float64: the two gather buffers
