@@ -250,7 +250,7 @@ class Partials(kernels.DeferredTerms):
 
     def reduced(self) -> Tensor:
         if not self.per_element:
-            _launch_meta(self.layout.sums, self, None, None, None, "", {}, 0.0, 0.0)
+            _launch_meta(self.layout.sums, self)
         return self.layout.sums.view(self.beta.shape)
 
 
@@ -264,9 +264,9 @@ def _rule_arguments(rule, hp: dict[str, float]) -> tuple:
     return rho, lam, hp.get("lion_interp", 0.0), hp.get("eps", 0.0), log(rho), log(lam)
 
 
-def _moment_pointers(moments: dict[str, list[Tensor]], fallback: Tensor, i: int = 0) -> tuple[Tensor, Tensor]:
+def _moment_pointers(moments: dict[str, list[Tensor]], fallback: Tensor) -> tuple[Tensor, Tensor]:
     """The ``exp_avg`` and ``exp_avg_sq`` of a rule (``fallback``, never read, where it has none)."""
-    return tuple(moments[name][i] if name in moments else fallback for name in ("exp_avg", "exp_avg_sq"))
+    return tuple(moments[name][0] if name in moments else fallback for name in ("exp_avg", "exp_avg_sq"))
 
 
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # segment -> its Layout
@@ -292,17 +292,21 @@ def fused_update(segment: FlatSegment, grads: list[Tensor], lr: float | Tensor, 
     return [Partials(layout, segment.beta)]
 
 
-def _launch_meta(beta: Tensor, z: Tensor | Partials, moments, step, rule, names, hp, meta_lr, meta_weight_decay) -> None:
-    """Launch 2: reduce ``z`` if it is partial sums (into ``sums``), and with a ``rule``, update ``beta``."""
+def _launch_meta(beta: Tensor, z: Tensor | Partials, moments: dict[str, list[Tensor]] | None = None,
+                 step: Tensor | None = None, rule=None, hp: dict[str, float] | None = None, meta_lr: float = 0.0,
+                 meta_weight_decay: float = 0.0) -> None:
+    """Launch 2: reduce ``z`` if it is partial sums (into the layout's ``sums``), and with a ``rule``, the
+    meta update of ``beta`` with its ``moments`` and counter ``step``."""
     reduce = isinstance(z, Partials) and not z.per_element
     values = (z.layout.partials if isinstance(z, Partials) else z).reshape(-1)
     layout = z.layout if reduce else None
-    m, v = _moment_pointers(moments, beta) if rule is not None else (beta, beta)
+    names = tuple(moments or ())
+    m, v = _moment_pointers(moments or {}, beta)
     n_blocks = beta.numel()
     _meta_kernel[(n_blocks if reduce else triton.cdiv(n_blocks, REDUCE_BLOCK),)](
         beta, m, v, layout.sums if reduce else values, values, layout.order if reduce else values,
         layout.first if reduce else values, step if step is not None else beta, n_blocks,
-        meta_lr, meta_weight_decay, *_rule_arguments(rule, hp),
+        meta_lr, meta_weight_decay, *_rule_arguments(rule, hp or {}),
         RULE=RULE_IDS[rule.direction] if rule is not None else 0, HAS_M="exp_avg" in names,
         HAS_V="exp_avg_sq" in names, REDUCE=reduce, UPDATE=rule is not None, BLOCK=REDUCE_BLOCK,
     )
@@ -311,12 +315,12 @@ def _launch_meta(beta: Tensor, z: Tensor | Partials, moments, step, rule, names,
 def meta_update(betas, meta_grads, moments, steps, *, rule, hp, meta_lr, meta_weight_decay) -> None:
     """The meta update: launch 2 for the blocks of a flat segment, ``foreach`` for blocks of their own tensors."""
     if not any(isinstance(z, Partials) for z in meta_grads):
-        return kernels.KERNELS["foreach"]().meta_update(betas, meta_grads, moments, steps, rule=rule, hp=hp,
-                                                        meta_lr=meta_lr, meta_weight_decay=meta_weight_decay)
+        kernels._foreach_meta_update(betas, meta_grads, moments, steps, rule=rule, hp=hp, meta_lr=meta_lr,
+                                     meta_weight_decay=meta_weight_decay)
+        return
     for i, (beta, z) in enumerate(zip(betas, meta_grads)):
         own = {name: [values[i]] for name, values in moments.items()}
-        _launch_meta(beta, z, own, steps[i], rule, tuple(own), hp, meta_lr, meta_weight_decay)
-    return None
+        _launch_meta(beta, z, own, steps[i], rule, hp, meta_lr, meta_weight_decay)
 
 
 def check(params: list[Tensor], base_rule, meta_rule) -> None:
