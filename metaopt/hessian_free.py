@@ -10,7 +10,9 @@ One step over a :class:`metaopt.plan.Plan`, with :math:`g` in ``p.grad`` and the
    blocks' :math:`\beta` with their summed terms.
 
 The arithmetic is the kernel's (:mod:`metaopt.kernels`), where the state lives the plan's
-(:mod:`metaopt.plan`). Nothing is read back to the host.
+(:mod:`metaopt.plan`). A kernel with a ``fused_update`` (``triton``) does steps 1 and 2 of a flat
+segment in one pass and leaves its terms as partial sums, which its ``meta_update`` reduces in step 3.
+Nothing is read back to the host.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
-from metaopt.plan import Plan
+from metaopt.kernels import DeferredTerms
+from metaopt.plan import FlatSegment, Plan
 
 
 def _lr_exp(lr: float | Tensor, beta: Tensor) -> Tensor:
@@ -44,26 +47,35 @@ def _memoized_alphas(lr: float | Tensor, index: int, memo: dict) -> Callable[[Ha
     return of
 
 
+def _summed(zs: list) -> Tensor | DeferredTerms:
+    """A block's terms summed by one reduction (a fused kernel's partial sums reduced first)."""
+    if len(zs) == 1:
+        return zs[0]
+    return torch.stack([z.reduced() if isinstance(z, DeferredTerms) else z for z in zs]).sum(0)
+
+
 def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rule, meta_rule) -> None:
     """One Hessian-free step of every segment and meta segment of ``plan``; ``kernels``: each param group's."""
-    terms: dict[Hashable, list[Tensor]] = {}
+    terms: dict[Hashable, list] = {}
     memo: dict = {}
     for segment in plan.segments:
         index = segment.group
         group, kernel = param_groups[index], kernels[index]
         grads = segment.gather()
-        for block, z in zip(segment.block_keys, segment.meta_grads(kernel, grads)):
+        hp = dict(rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
+                  weight_decay=group["weight_decay"], gamma=group["gamma"])
+        if kernel.fused_update is not None and isinstance(segment, FlatSegment):  # steps 1 and 2 in one pass
+            torch._foreach_add_(segment.counters, 1)
+            zs = kernel.fused_update(segment, grads, group["lr"], **hp)
+        else:
+            zs = segment.meta_grads(kernel, grads)
+            step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
+            torch._foreach_add_(segment.counters, 1)
+            kernel.update(segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes, **hp)
+        for block, z in zip(segment.block_keys, zs):
             terms.setdefault(block, []).append(z)
-        step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
-        torch._foreach_add_(segment.counters, 1)
-        kernel.update(
-            segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,
-            rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
-            weight_decay=group["weight_decay"], gamma=group["gamma"],
-        )
         segment.scatter()
-    # a block's terms are summed by one reduction
-    sums = {block: zs[0] if len(zs) == 1 else torch.stack(zs).sum(0) for block, zs in terms.items()}
+    sums = {block: _summed(zs) for block, zs in terms.items()}
     for meta in plan.meta_segments:
         group = param_groups[meta.group]
         torch._foreach_add_(meta.counters, 1)

@@ -290,3 +290,48 @@ def assert_meta_lr_zero_is(base, meta, make_counterpart, steps=30):
     # The step sizes stayed where they started.
     for p in ours.parameters():
         torch.testing.assert_close(optimizer.step_size(p), torch.tensor(ALPHA0[base], dtype=torch.float64))
+
+
+# A small convolutional model in two param groups, for the storage and Triton kernel tests.
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.hidden = nn.Linear(27, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.conv(x)).flatten(1))))
+
+
+def make(base="adamw", meta="adam", blocks="scalar", kernel="flat", storage="contiguous", dtype=torch.float64,
+         device="cpu", **options):
+    torch.manual_seed(0)
+    model = Small().to(dtype=dtype, device=device)
+    named = list(model.named_parameters())
+    groups = [{"params": named[:2], "weight_decay": 0.1}, {"params": named[2:], "weight_decay": 0.0}]
+    options = {"alpha0": 1e-2, "meta_lr": 0.05, "gamma": 0.9, **options}
+    return model, MetaOptimize(groups, base, meta, blocks, kernel=kernel, storage=storage, **options)
+
+
+def backward(model, t):
+    generator = torch.Generator().manual_seed(t)
+    x = torch.randn(4, 2, 5, 5, generator=generator, dtype=model.out.weight.dtype)
+    y = torch.randint(0, 3, (4,), generator=generator)
+    device = model.out.weight.device
+    nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+
+
+def train(model, optimizer, steps, start=0, between=None):
+    for t in range(start, start + steps):
+        optimizer.zero_grad()
+        backward(model, t)
+        if between is not None:
+            between(model, t)
+        optimizer.step()
+
+
+def weights_and_step_sizes(model, optimizer):
+    params = list(model.parameters())
+    return (torch.cat([p.detach().reshape(-1) for p in params]),
+            torch.cat([optimizer.step_size(p).expand_as(p).reshape(-1) for p in params]))
