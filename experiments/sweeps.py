@@ -138,8 +138,8 @@ def expected_runs(cfg: DictConfig, tuning_score: Callable[[Run], float | None] |
             for run in runs]
 
 
-def select(cfg: DictConfig) -> dict[str, str]:
-    """The rule that picks a tuned grid's best setting: {metric, mode}."""
+def select(cfg: DictConfig) -> dict[str, Any]:
+    """The rule that picks a tuned grid's best setting: {metric, mode} and optionally last_fraction (experiments.schema.score)."""
     return dict(cfg.figure.get("select") or DEFAULT_SELECT)
 
 

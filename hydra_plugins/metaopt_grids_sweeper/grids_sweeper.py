@@ -106,8 +106,7 @@ class GridsSweeper(BasicSweeper):
             folders = {}  # setting -> the tuning run's folder (a run two grids share was launched once)
             for (_, overrides), result in zip(first, (r for batch in returns for r in batch)):
                 folders[setting_of(overrides)] = Path(result.hydra_cfg.hydra.runtime.output_dir)
-            metric, mode = self.select["metric"], self.select["mode"]
-            chosen = choose_later(later, lambda setting: tuning_score(read_run(folders[setting]), metric, mode))
+            chosen = choose_later(later, lambda setting: tuning_score(read_run(folders[setting]), **self.select))
             log.info(f"tuned on seed {self.tune_seed}: the best settings' {len(chosen)} runs on the other seeds")
             self.planned += len(chosen)
             more, more_diverged = self._launch([overrides for _, overrides in chosen])
