@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -433,10 +434,13 @@ def _run_loop(run: RunState, stops: _StopSignals, fresh: bool) -> tuple[str, dic
 
 
 def _already_finished(state: dict[str, Any], run_dir: str, checkpoint_path: str, rank: int) -> TrainResult:
-    """A folder that holds a finished run is left as it is (meta.json rebuilt from the checkpoint if lost)."""
-    if rank == 0 and not os.path.exists(os.path.join(run_dir, "meta.json")):
+    """A folder that holds a finished run is left as it is (meta.json rebuilt from the checkpoint if lost
+    or unreadable)."""
+    problem = run_folder.meta_problem(Path(run_dir) / "meta.json")
+    if rank == 0 and problem is not None:
         write_json(run_folder.meta_from_checkpoint(state), os.path.join(run_dir, "meta.json"))
-        print(f"{run_dir}: meta.json was missing; rebuilt from {checkpoint_path}")
+        print(f"{run_dir}: meta.json was {'missing' if problem == 'missing' else 'unreadable'}; rebuilt from "
+              f"{checkpoint_path}")
     print(f"{run_dir} already holds a finished run; delete the folder to run it again")
     return TrainResult(state["summary"], None, None)
 
