@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from experiments.data.streams import LinearTracking, PermutedDigits
@@ -25,6 +24,7 @@ from experiments.reproduce import compose_experiment
 from experiments.schema import mean_over_last, score
 from experiments.sweeps import expected_runs
 from experiments.trainer import train
+from tests.trainer_helpers import compose_train, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 from metaopt import Approximation, MetaOptimize, idbd
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -33,19 +33,6 @@ COMMON = [f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.eval_eve
           "logger=csv", "seed=3"]
 LINEAR = ["dataset=linear_tracking", "model=linear"]
 DIGITS = ["dataset=permuted_digits", "model=tanh_mlp", "dataset.permute_every=20"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_run(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPOSITORY / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def logged(run_dir: Path, column: str = "train/loss") -> list[float]:
@@ -107,7 +94,7 @@ LEARNERS = {
 @pytest.mark.parametrize("learner", list(LEARNERS))
 def test_a_stream_run_logs_the_online_loss_of_a_loop_written_here_bit_for_bit(tmp_path, learner):
     overrides, stream_class, build_model, build_optimizer, hessian = LEARNERS[learner]
-    cfg = compose_run(*overrides, *COMMON, f"run_root={tmp_path}")
+    cfg = compose_train(*overrides, *COMMON, f"run_root={tmp_path}")
     train(cfg, str(tmp_path / "run"))
     settings = {"permute_every": 20} if stream_class is PermutedDigits else {}
     stream = stream_class(steps=STEPS, seed=3, **settings)
@@ -121,7 +108,7 @@ def test_a_stream_run_logs_the_online_loss_of_a_loop_written_here_bit_for_bit(tm
 
 def test_the_hutchinson_learner_runs_and_its_step_sizes_move(tmp_path):
     """IDBD's configuration on the MLP: the diagonal estimated through the gradients' graph."""
-    cfg = compose_run(*DIGITS, "optimizer=idbd_hutchinson", "optimizer.meta_lr=0.03", *COMMON, f"run_root={tmp_path}")
+    cfg = compose_train(*DIGITS, "optimizer=idbd_hutchinson", "optimizer.meta_lr=0.03", *COMMON, f"run_root={tmp_path}")
     result = train(cfg, str(tmp_path / "run"))
     approx = result.adapter.optimizer.approx
     assert approx == Approximation("l", hessian="diagonal", clip_trace=True, meta_first=True)
@@ -130,18 +117,18 @@ def test_the_hutchinson_learner_runs_and_its_step_sizes_move(tmp_path):
 
 def test_a_stopped_stream_run_resumes_bit_for_bit(tmp_path):
     overrides = [*LINEAR, "optimizer=idbd", "optimizer.meta_lr=0.01", *COMMON, f"run_root={tmp_path}"]
-    train(compose_run(*overrides), str(tmp_path / "whole"))
-    stopped = train(compose_run(*overrides, "trainer.max_time=0"), str(tmp_path / "resumed"))  # stops after step 1
+    train(compose_train(*overrides), str(tmp_path / "whole"))
+    stopped = train(compose_train(*overrides, "trainer.max_time=0"), str(tmp_path / "resumed"))  # stops after step 1
     assert stopped.summary["status"] == "stopped" and stopped.summary["step"] < STEPS
-    train(compose_run(*overrides), str(tmp_path / "resumed"))
+    train(compose_train(*overrides), str(tmp_path / "resumed"))
     assert logged(tmp_path / "resumed") == logged(tmp_path / "whole")
 
 
 def test_a_stream_is_read_once_and_the_exact_diagonal_needs_the_linear_model(tmp_path):
-    too_long = compose_run(*LINEAR, "optimizer=sgd", *COMMON, "dataset.steps=10", f"run_root={tmp_path}")
+    too_long = compose_train(*LINEAR, "optimizer=sgd", *COMMON, "dataset.steps=10", f"run_root={tmp_path}")
     with pytest.raises(ValueError, match=r"a stream of 10 steps.*set trainer.max_steps to at most 10"):
         train(too_long, str(tmp_path / "long"))
-    wrong_model = compose_run(*DIGITS, "optimizer=idbd", *COMMON, f"run_root={tmp_path}")
+    wrong_model = compose_train(*DIGITS, "optimizer=idbd", *COMMON, f"run_root={tmp_path}")
     with pytest.raises(ValueError, match="linear_least_squares is the exact Hessian diagonal of a linear model"):
         train(wrong_model, str(tmp_path / "mlp"))
 

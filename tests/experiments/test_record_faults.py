@@ -21,12 +21,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
 
 from experiments.reproduce import ITEMS
 from experiments.run_folder import read_run
 from experiments.trainer import train
+from tests.trainer_helpers import compose_train, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
@@ -36,23 +35,10 @@ sys.path.insert(0, str(REPOSITORY / "scripts"))
 import make_figures  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def compose_run(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPOSITORY / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("damage", ['{"status": "fini', "[]", "\udcff"])
 def test_a_damaged_meta_json_of_a_finished_run_is_rebuilt_from_its_checkpoint(tmp_path, damage):
     run_dir = tmp_path / "run"
-    summary = train(compose_run(*TINY, f"run_root={tmp_path}"), str(run_dir)).summary
+    summary = train(compose_train(*TINY, f"run_root={tmp_path}"), str(run_dir)).summary
     meta = run_dir / "meta.json"
     meta.write_bytes(damage.encode("utf-8", "surrogateescape"))
     rows = read_run(run_dir)  # what collect_runs reads
