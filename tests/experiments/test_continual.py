@@ -9,6 +9,7 @@ for bit; the item's sweep, labels and selection rule are checked against its con
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 import subprocess
@@ -158,11 +159,16 @@ def test_the_selection_over_the_last_quarter_is_the_mean_of_its_rows():
 
 @pytest.mark.slow
 def test_make_continual_smoke_sweeps_collects_and_draws(tmp_path):
-    """The item end to end as a user runs it (in this process's launcher): 56 runs, runs.csv, the figure
-    and the table with every learner."""
+    """The item end to end as a user runs it (the basic launcher): 56 runs, their manifest and progress,
+    runs.csv, the figure and the table with every learner."""
     command = [sys.executable, "-m", "experiments.train", "experiment=continual", "scale=smoke",
                f"run_root={tmp_path}/runs"]
-    subprocess.run(command, cwd=REPOSITORY, check=True, capture_output=True)
+    swept = subprocess.run(command, cwd=REPOSITORY, check=True, capture_output=True, text=True)
+    # the sweep says how far it is after each batch, and writes itself down (its manifest)
+    assert "56 of 56 runs done (0 diverged)" in swept.stdout + swept.stderr
+    (manifest,) = (tmp_path / "runs" / "continual").glob("sweep-*.json")
+    record = json.loads(manifest.read_text())
+    assert record["complete"] and len(record["runs"]) == 56 and all(entry["folder"] for entry in record["runs"])
     subprocess.run([sys.executable, "scripts/collect_runs.py", "continual", "--scale", "smoke", "--out",
                     str(tmp_path / "results/continual"), f"run_root={tmp_path}/runs"], cwd=REPOSITORY, check=True)
     subprocess.run([sys.executable, "scripts/make_figures.py", "continual", "--results", str(tmp_path / "results")],
