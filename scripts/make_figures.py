@@ -77,19 +77,21 @@ def read_runs(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def group_runs(item: str, rows: list[dict[str, str]]):
-    """The sweep's runs with their rows; raises MissingRuns naming every absent or unfinished run."""
+def group_runs(item: str, rows: list[dict[str, str]], path: Path | None = None):
+    """The sweep's runs with their rows; raises MissingRuns naming every absent or unfinished run.
+    path: the runs.csv they come from, which the errors name (default: results/<item>/runs.csv)."""
+    path = path or Path("results") / item / "runs.csv"
     if not rows:
-        raise MissingRuns(f"results/{item}/runs.csv holds no runs: run `make {item}` (SCALE=...) first")
+        raise MissingRuns(f"{path} holds no runs: run `make {item}` (SCALE=...) first")
     scales = {row["scale"] for row in rows}
     if len(scales) != 1:
-        raise ValueError(f"results/{item}/runs.csv mixes scales {sorted(scales)}: collect one scale per item")
+        raise ValueError(f"{path} mixes scales {sorted(scales)}: collect one scale per item")
     scale = scales.pop()
     cfg = compose_experiment(item, scale)
     absent = [metric for metric in cfg.figure.get("metrics") or [] if not any(
         column == metric or (metric == STEP_SIZE and is_step_size(column)) for column in rows[0])]
     if absent:
-        raise ValueError(f"results/{item}/runs.csv has no column {', '.join(absent)}, which the figure draws "
+        raise ValueError(f"{path} has no column {', '.join(absent)}, which the figure draws "
                          f"(figure.metrics of conf/experiment/{item}.yaml): collect it again from the run folders")
     swept = swept_keys(run.values for run in expected_runs(cfg))
     by_run = defaultdict(list)
@@ -110,7 +112,7 @@ def group_runs(item: str, rows: list[dict[str, str]]):
         else:
             runs.append((run, run_rows))
     if problems:
-        raise MissingRuns(f"results/{item}/runs.csv does not hold the whole {item} sweep at scale {scale} "
+        raise MissingRuns(f"{path} does not hold the whole {item} sweep at scale {scale} "
                           f"({len(problems)} of {len(problems) + len(runs)} runs):\n  " + "\n  ".join(problems)
                           + f"\nrun `make {item} SCALE={scale}` (finished runs are skipped), then collect again")
     return cfg, scale, runs
@@ -381,7 +383,7 @@ def build(item: str, results: Path) -> Path:
     """Check, plot (or tabulate) and summarise one item; returns the figure's or table's path."""
     out = results / item
     rows = read_runs(out / "runs.csv")
-    cfg, _, runs = group_runs(item, rows)
+    cfg, _, runs = group_runs(item, rows, out / "runs.csv")
     chosen, summary = curves(cfg, runs)
     if cfg.figure.kind == "table":
         figure = table(item, cfg, runs, out)

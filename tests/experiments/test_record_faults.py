@@ -4,7 +4,8 @@ operator meets it (real processes, real files), with the clear refusal or the ri
 - a finished run whose meta.json was damaged (not only lost) is rebuilt from its final checkpoint, by
   collecting and by running the same command (before, the error told to rerun, which changed nothing);
 - collect_runs.py stopped by a full disk (a real file-size limit) leaves the old runs.csv and no temporary;
-- make_figures.py refuses a runs.csv in which a run was interrupted (Ctrl-C) instead of drawing it cut off;
+- make_figures.py refuses a runs.csv in which a run was interrupted (Ctrl-C) instead of drawing it cut off,
+  naming the file it read (before, its errors named results/<item>/runs.csv whatever --results said);
 - `make help` lists every item of conf/experiment/.
 """
 
@@ -92,7 +93,8 @@ def test_make_figures_refuses_a_run_interrupted_by_ctrl_c(tmp_path):
         writer = csv.DictWriter(f, list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    with pytest.raises(make_figures.MissingRuns, match=r"not finished \(interrupted\)"):
+    refused = rf"(?s){tmp_path}/fig2/runs.csv does not hold .*not finished \(interrupted\)"
+    with pytest.raises(make_figures.MissingRuns, match=refused):
         make_figures.build("fig2", tmp_path)
 
 
