@@ -37,26 +37,26 @@ import make_figures  # noqa: E402
 
 
 @pytest.mark.parametrize("damage", ['{"status": "fini', "[]", "\udcff"])
-def test_a_damaged_meta_json_of_a_finished_run_is_rebuilt_from_its_checkpoint(tmp_path, damage):
+def test_a_damaged_meta_json_of_a_finished_run_is_rebuilt_from_its_checkpoint(tmp_path, capsys, damage):
     run_dir = tmp_path / "run"
-    summary = train(compose_train(*TINY, f"run_root={tmp_path}"), str(run_dir)).summary
+    cfg = compose_train(*TINY, f"run_root={tmp_path}")
+    summary = train(cfg, str(run_dir)).summary
     meta = run_dir / "meta.json"
     meta.write_bytes(damage.encode("utf-8", "surrogateescape"))
     rows = read_run(run_dir)  # what collect_runs reads
     assert rows and {row["status"] for row in rows} == {"finished"}
     assert json.loads(meta.read_text())["summary"] == summary
     meta.write_bytes(damage.encode("utf-8", "surrogateescape"))
-    again = subprocess.run([sys.executable, "-m", "experiments.train", f"hydra.run.dir={run_dir}", *TINY,
-                            f"run_root={tmp_path}"], cwd=REPOSITORY, env=ENV, capture_output=True, text=True)
-    assert again.returncode == 0 and "meta.json was unreadable; rebuilt from" in again.stdout
+    capsys.readouterr()
+    train(cfg, str(run_dir))  # the same command again
+    assert "meta.json was unreadable; rebuilt from" in capsys.readouterr().out
     assert json.loads(meta.read_text())["status"] == "finished"
 
 
 def test_a_damaged_meta_json_of_an_unfinished_run_is_named_with_the_fix(tmp_path):
     run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "experiments.train", f"hydra.run.dir={run_dir}", *TINY,
-                           f"run_root={tmp_path}", "trainer.max_time=0"], cwd=REPOSITORY, env=ENV, capture_output=True)
-    assert done.returncode == 3  # stopped after its first step: not finished
+    stopped = train(compose_train(*TINY, f"run_root={tmp_path}", "trainer.max_time=0"), str(run_dir))
+    assert stopped.summary["status"] == "stopped"  # after its first step: not finished
     (run_dir / "meta.json").write_text("{")
     with pytest.raises(ValueError, match=r"run/meta.json cannot be read \(JSONDecodeError.*run the run's command again"):
         read_run(run_dir)
