@@ -304,7 +304,8 @@ class RunState:
         self.save_checkpoint(finished=False)
         status = "preempted" if stops.received or not out_of_time else "stopped"
         if self.is_main:
-            reason = stops.name or ("another rank's signal" if status == "preempted" else f"max_time of {tcfg.max_time} s")
+            reason = stops.name or ("another rank's signal" if status == "preempted"
+                                    else f"max_time of {tcfg.max_time} s")
             then = ("passing the signal on to the handler from before the run (submitit's)" if stops.hands_over
                     else "run the same command again to continue")
             print(f"\n{reason}: checkpointed at step {self.step}; {then}", flush=True)

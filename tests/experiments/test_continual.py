@@ -150,7 +150,8 @@ def test_the_item_declares_every_learner_as_a_labelled_curve():
 
 
 def test_the_selection_over_the_last_quarter_is_the_mean_of_its_rows():
-    rows = [{"step": str(step), "train/loss": str(float(step % 7)), "status": "finished"} for step in range(10, 101, 10)]
+    rows = [{"step": str(step), "train/loss": str(float(step % 7)), "status": "finished"}
+            for step in range(10, 101, 10)]
     assert mean_over_last(rows, "train/loss", 0.25) == statistics.fmean(float(s % 7) for s in (80, 90, 100))
     diverged = [dict(row, status="failed") for row in rows]
     assert score([rows, rows], "train/loss", "min", 0.25) == mean_over_last(rows, "train/loss", 0.25)

@@ -58,7 +58,8 @@ def test_a_damaged_meta_json_of_an_unfinished_run_is_named_with_the_fix(tmp_path
     stopped = train(compose_train(*TINY, f"run_root={tmp_path}", "trainer.max_time=0"), str(run_dir))
     assert stopped.summary["status"] == "stopped"  # after its first step: not finished
     (run_dir / "meta.json").write_text("{")
-    with pytest.raises(ValueError, match=r"run/meta.json cannot be read \(JSONDecodeError.*run the run's command again"):
+    refused = r"run/meta.json cannot be read \(JSONDecodeError.*run the run's command again"
+    with pytest.raises(ValueError, match=refused):
         read_run(run_dir)
 
 
