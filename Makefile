@@ -103,12 +103,12 @@ dropin: $(STAMP) $(if $(filter smoke,$(DROPIN_SCALE)),,$(DATA_mini))  ## beyond 
 
 # -- beyond the paper: the continual setting (conf/experiment/continual.yaml, results/README.md) -------------
 # make continual [SCALE=smoke] [LAUNCHER=local|slurm|basic]: a CPU-sized item with one size (168 runs: two
-# streams, 3 seeds, two at a time, one thread each, about an hour on 2 cores), then results/continual/runs.csv,
+# streams, 3 seeds, two at a time, one thread each; results/README.md gives its times), then results/continual/runs.csv,
 # continual.png and continual.md. SCALE=smoke: every learner on streams of a few dozen steps (CI).
 CONTINUAL_SCALE := $(if $(filter command line environment,$(origin SCALE)),$(SCALE),full)
 CONTINUAL_RESULTS := $(if $(filter smoke,$(CONTINUAL_SCALE)),runs/smoke/results,results)
 .PHONY: continual
-continual: $(STAMP)  ## beyond the paper: MetaOptimize vs tuned fixed steps vs IDBD on two non-stationary streams (CPU, 168 runs, ~1 h on 2 cores): results/continual/
+continual: $(STAMP)  ## beyond the paper: MetaOptimize vs tuned fixed steps vs IDBD on two non-stationary streams (CPU, 168 runs, two at a time): results/continual/
 	$(if $(filter $(LAUNCHER),local slurm basic),,$(error LAUNCHER must be local, slurm or basic, not '$(LAUNCHER)'))
 	OMP_NUM_THREADS=1 $(PY) -m experiments.train experiment=continual scale=$(CONTINUAL_SCALE) $(if $(filter local,$(LAUNCHER)),hydra/launcher=local,$(LAUNCHER_ARG_$(LAUNCHER))) $(ARGS)
 	$(PY) scripts/collect_runs.py continual --scale $(CONTINUAL_SCALE) --out $(CONTINUAL_RESULTS)/continual $(ARGS)
