@@ -37,9 +37,6 @@ run: $(STAMP)  ## the main job: MetaOptimize's defaults vs fixed AdamW steps on 
 bench-digits: $(STAMP)  ## every optimizer config on the embedded digits data (CPU): results/digits_optimizers.md
 	OMP_NUM_THREADS=1 $(PY) scripts/bench_digits_optimizers.py
 
-continual: $(STAMP)  ## MetaOptimize vs tuned fixed steps vs IDBD on two non-stationary streams (CPU, 3 seeds, ~15 min on 2 idle cores): results/continual/
-	OMP_NUM_THREADS=1 $(PY) -m experiments.continual
-
 BENCH_DEVICE ?= cpu
 bench: $(STAMP)  ## optimizer-step time against fused AdamW, Table 1 overheads against every baseline (BENCH_DEVICE=cpu|cuda; CPU ~2 h): results/performance/
 	$(PY) scripts/bench_step.py --device $(BENCH_DEVICE)
@@ -62,7 +59,7 @@ test-library:  ## the library's fast tests (tests/metaopt/) without the harness:
 SCALE ?= full
 LAUNCHER ?= local
 # the items are the files of conf/experiment/ (fig1 ... fig8, sensitivity, table1)
-FIGURES := $(filter-out dropin,$(basename $(notdir $(wildcard conf/experiment/*.yaml))))  # dropin: its own rule below
+FIGURES := $(filter-out dropin continual,$(basename $(notdir $(wildcard conf/experiment/*.yaml))))  # dropin, continual: their own rules below
 # Table 1 at mini scale is a timing of CPU runs, not the paper's GPU overheads (scripts/bench_overhead.py)
 MINI_FIGURES := $(filter-out table1,$(FIGURES))
 # local: submitit's local executor, a batch of runs at a time (full: 1, mini: 2, smoke: 4); slurm: one job array
@@ -107,6 +104,19 @@ dropin: $(STAMP) $(if $(filter smoke,$(DROPIN_SCALE)),,$(DATA_mini))  ## beyond 
 	$(if $(filter full,$(DROPIN_SCALE)),,OMP_NUM_THREADS=1) $(PY) -m experiments.train experiment=dropin scale=$(DROPIN_SCALE) $(DROPIN_LAUNCHER_ARG) $(ARGS)
 	$(PY) scripts/collect_runs.py dropin --scale $(DROPIN_SCALE) --out $(DROPIN_RESULTS)/dropin $(ARGS)
 	$(PY) scripts/make_figures.py dropin --results $(DROPIN_RESULTS)
+
+# -- beyond the paper: the continual setting (conf/experiment/continual.yaml, results/README.md) -------------
+# make continual [SCALE=smoke] [LAUNCHER=local|slurm|basic]: a CPU-sized item with one size (168 runs: two
+# streams, 3 seeds, two at a time, one thread each; results/README.md gives its times), then results/continual/runs.csv,
+# continual.png and continual.md. SCALE=smoke: every learner on streams of a few dozen steps (CI).
+CONTINUAL_SCALE := $(if $(filter command line environment,$(origin SCALE)),$(SCALE),full)
+CONTINUAL_RESULTS := $(if $(filter smoke,$(CONTINUAL_SCALE)),runs/smoke/results,results)
+.PHONY: continual
+continual: $(STAMP)  ## beyond the paper: MetaOptimize vs tuned fixed steps vs IDBD on two non-stationary streams (CPU, 168 runs, two at a time): results/continual/
+	$(if $(filter $(LAUNCHER),local slurm basic),,$(error LAUNCHER must be local, slurm or basic, not '$(LAUNCHER)'))
+	OMP_NUM_THREADS=1 $(PY) -m experiments.train experiment=continual scale=$(CONTINUAL_SCALE) $(if $(filter local,$(LAUNCHER)),hydra/launcher=local,$(LAUNCHER_ARG_$(LAUNCHER))) $(ARGS)
+	$(PY) scripts/collect_runs.py continual --scale $(CONTINUAL_SCALE) --out $(CONTINUAL_RESULTS)/continual $(ARGS)
+	$(PY) scripts/make_figures.py continual --results $(CONTINUAL_RESULTS)
 
 data/fashion_mnist/FashionMNIST/raw/train-images-idx3-ubyte:
 	$(PY) scripts/prepare_fashion_mnist.py --out data/fashion_mnist

@@ -19,6 +19,8 @@ Adapters (each a Hydra ``_target_`` of a ``conf/optimizer`` file):
 
 - :class:`OptimizerAdapter`: any ``torch.optim.Optimizer`` (AdamW, timm's Lion, MetaOptimize),
   with an optional LR schedule.
+- :class:`HessianAdapter`: MetaOptimize keeping the Hessian term (approx ``l`` / ``2x2``) and IDBD:
+  ``backward(create_graph=True)``, or the exact Hessian diagonal of a linear least-squares model.
 - :class:`ProdigyAdapter`: logs Prodigy's effective step ``d * lr``.
 - :class:`DoGAdapter`: DoG with polynomial-decay averaging; evaluates the averaged model.
 - :class:`MechanicAdapter`: mechanic over any torch optimizer; checkpoints that reload.
@@ -208,6 +210,71 @@ class OptimizerAdapter(Adapter):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+
+
+class HessianAdapter(OptimizerAdapter):
+    """MetaOptimize with an approximation that keeps the Hessian term (``approx="l"`` or ``"2x2"``,
+    metaopt.hessian), IDBD among them, under the plain loop: the step needs what a closure would give.
+
+    Args:
+        hessian: ``"graph"``: the backward pass keeps the gradients' graph (``create_graph=True``), so
+            that the step takes Hessian-vector products through it, or Hutchinson's estimate of the
+            diagonal where the approximation uses the diagonal. ``"linear_least_squares"``: the exact
+            diagonal of a linear model without bias and one output trained on the half squared error,
+            ``mean over the batch of x^2`` (IDBD's ``a^2``), from the model's inputs, passed to
+            ``step(hessian_diagonal=...)``.
+    """
+
+    HESSIANS = ("graph", "linear_least_squares")
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, total_steps: int,
+                 param_groups: dict[str, Any] | None = None, hessian: str = "graph"):
+        if hessian not in self.HESSIANS:
+            raise ValueError(f"optimizer.adapter.hessian={hessian!r} is not one of {list(self.HESSIANS)}")
+        if hessian == "linear_least_squares" and not (
+                isinstance(model, nn.Linear) and model.bias is None and model.out_features == 1):
+            raise ValueError("optimizer.adapter.hessian=linear_least_squares is the exact Hessian diagonal of a linear "
+                             f"model without bias and with one output (model=linear), not of {type(model).__name__}: "
+                             "use hessian=graph (Hutchinson's estimate) for this model")
+        super().__init__(model, optimizer, total_steps, param_groups)
+        self.hessian = hessian
+        self.inputs: torch.Tensor | None = None  # the last batch's inputs (linear_least_squares)
+        if hessian == "linear_least_squares":
+            model.register_forward_pre_hook(self._keep_inputs)
+
+    def _keep_inputs(self, module: nn.Module, args: tuple) -> None:
+        self.inputs = args[0].detach()
+
+    def check(self, *, precision: str, distributed: bool, compiled: bool) -> None:
+        problems = []
+        if precision != "fp32":
+            problems.append("Hessian-vector products through autocast and a loss scale are not supported: "
+                            "use trainer.precision=fp32")
+        if distributed:
+            problems.append("DDP does not reduce the gradients' graph: run on one device")
+        if compiled:
+            problems.append("a compiled forward does not support backward(create_graph=True): set trainer.compile=false")
+        if problems:
+            raise ValueError("MetaOptimize keeping the Hessian term cannot run here: " + "; ".join(problems))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.hessian == "linear_least_squares":
+            loss.backward()
+            return
+        # the step differentiates the gradients; zero_grad and close() drop the graphs they hold
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            loss.backward(create_graph=True)
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        if self.hessian == "linear_least_squares":
+            weight = self.model.weight
+            scaler.step(self.optimizer, hessian_diagonal={weight: (self.inputs ** 2).mean(0, keepdim=True)})
+        else:
+            scaler.step(self.optimizer)
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 class ProdigyAdapter(OptimizerAdapter):

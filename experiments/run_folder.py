@@ -47,19 +47,30 @@ def register_resolvers() -> None:
 
 def read_run(folder: Path) -> list[dict[str, str]]:
     """The run's metrics.csv rows, each with its status from meta.json ("finished", "failed", ...);
-    no rows if it has logged none yet. A finished run whose meta.json was lost gets it back from its
-    final checkpoint (rebuild_meta); an unfinished one without it reads "unknown"."""
+    no rows if it has logged none yet. A finished run whose meta.json was lost or damaged gets it back
+    from its final checkpoint (rebuild_meta); an unfinished one without it reads "unknown"."""
     meta, metrics = folder / "meta.json", folder / "metrics.csv"
     if not metrics.exists():
         return []
-    if not meta.exists():
-        rebuild_meta(folder)
-    try:
-        status = json.loads(meta.read_text()).get("status", "unknown") if meta.exists() else "unknown"
-    except ValueError as error:
-        raise ValueError(f"{meta} cannot be read ({error}): run the run's command again to rewrite it") from None
+    problem = meta_problem(meta)
+    if problem is not None and rebuild_meta(folder):
+        problem = None
+    if problem is not None and problem != "missing":
+        raise ValueError(f"{meta} cannot be read ({problem}): run the run's command again to rewrite it")
+    status = "unknown" if problem == "missing" else json.loads(meta.read_text()).get("status", "unknown")
     with open(metrics, newline="") as f:
         return [{**row, "status": status} for row in csv.DictReader(f)]
+
+
+def meta_problem(meta: Path) -> str | None:
+    """None if meta.json holds a JSON object; else "missing", or why it cannot be read."""
+    if not meta.exists():
+        return "missing"
+    try:
+        record = json.loads(meta.read_text())
+    except ValueError as error:  # UnicodeDecodeError is one
+        return f"{type(error).__name__}: {error}"
+    return None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
 
 
 def rebuild_meta(folder: Path) -> bool:

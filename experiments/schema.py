@@ -24,7 +24,9 @@ STEP_SIZE = "step_size"
 IDENTITY = ("item", "scale", "grid", "arm", "run", "seed", "status")
 SEED = "seed"
 
-# A tuned grid's best setting, unless the figure's config says otherwise (figure.select).
+# A tuned grid's best setting, unless the figure's config says otherwise (figure.select): by the final
+# value of metric, or, with last_fraction, by its mean over the rows of that last fraction of the run
+# (the continual setting's online loss over the last quarter of a stream).
 DEFAULT_SELECT = {"metric": "train/loss", "mode": "min"}
 
 
@@ -63,10 +65,21 @@ def final(rows: list[dict[str, str]], metric: str) -> float:
     return float(values[-1]) if values else math.nan
 
 
-def score(run_rows: list[list[dict[str, str]]], metric: str, mode: str) -> float:
-    """The selection rule: mean final metric over seeds, oriented so that lower is better; a
-    diverged seed ranks last."""
-    values = [final(rows, metric) for rows in run_rows]
+def mean_over_last(rows: list[dict[str, str]], metric: str, fraction: float) -> float:
+    """The mean of metric over the rows logged in the last ``fraction`` of the run's steps (those after
+    step ``(1 - fraction) * last step``); nan if the run logged none there."""
+    logged = [(int(row["step"]), float(row[metric])) for row in rows if row.get(metric, "") != ""]
+    if not logged:
+        return math.nan
+    start = (1 - fraction) * logged[-1][0]
+    return statistics.fmean(value for step, value in logged if step > start)
+
+
+def score(run_rows: list[list[dict[str, str]]], metric: str, mode: str, last_fraction: float | None = None) -> float:
+    """The selection rule: mean over seeds of the final metric (or of its mean over the last_fraction
+    of the run), oriented so that lower is better; a diverged seed ranks last."""
+    values = [final(rows, metric) if last_fraction is None else mean_over_last(rows, metric, last_fraction)
+              for rows in run_rows]
     if not values or any(not math.isfinite(v) for v in values) or any(rows[0]["status"] != "finished"
                                                                       for rows in run_rows):
         return math.inf
@@ -74,9 +87,10 @@ def score(run_rows: list[list[dict[str, str]]], metric: str, mode: str) -> float
     return mean if mode == "min" else -mean
 
 
-def tuning_score(rows: list[dict[str, str]], metric: str, mode: str) -> float | None:
+def tuning_score(rows: list[dict[str, str]], metric: str, mode: str, last_fraction: float | None = None
+                 ) -> float | None:
     """A tuning run's score (``score`` of its one seed), or None while it is not over: no rows yet,
     or stopped before the end (preempted, out of time), so that no choice is made without it."""
     if not rows or rows[0]["status"] not in ("finished", "failed"):
         return None
-    return score([rows], metric, mode)
+    return score([rows], metric, mode, last_fraction)

@@ -127,19 +127,27 @@ def expected_runs(cfg: DictConfig, tuning_score: Callable[[Run], float | None] |
     if later and tuning_score is not None:
         tuning_runs = {setting_of(overrides): Run(grid, tuple(overrides), grid) for grid, overrides in first}
         first += choose_later(later, lambda setting: tuning_score(tuning_runs[setting]))
-    runs = [Run(grid, tuple(overrides), grid if grid in tuned else arm_names(grid, overrides, expanded))
-            for grid, overrides in first]
+    return with_arms(first, expanded, tuned)
+
+
+def with_arms(runs: Sequence[Tuple[str, List[str]]], expanded: Sequence[Tuple[str, List[str]]],
+              tuned: Set[str]) -> list[Run]:
+    """Each (grid, overrides) of a sweep whose grids expand to ``expanded`` as a Run with its arm:
+    a tuned grid's runs are one arm, named after the grid; an untuned grid's, see arm_names."""
+    named = [Run(grid, tuple(overrides), grid if grid in tuned else arm_names(grid, list(overrides), expanded))
+             for grid, overrides in runs]
     # An arm name that an earlier grid already gave (the same optimizer in another variant) is
     # qualified by its grid: "metaopt_adamw_adam (standard)".
-    first_grid = {}
-    for run in runs:
+    first_grid: Dict[str, str] = {}
+    for run in named:
         first_grid.setdefault(run.arm, run.grid)
     return [run if first_grid[run.arm] == run.grid else Run(run.grid, run.overrides, f"{run.arm} ({run.grid})")
-            for run in runs]
+            for run in named]
 
 
-def select(cfg: DictConfig) -> dict[str, str]:
-    """The rule that picks a tuned grid's best setting: {metric, mode}."""
+def select(cfg: DictConfig) -> dict[str, Any]:
+    """The rule that picks a tuned grid's best setting: {metric, mode}, and optionally last_fraction
+    (experiments.schema.score)."""
     return dict(cfg.figure.get("select") or DEFAULT_SELECT)
 
 

@@ -1,18 +1,21 @@
 """The one training loop for every optimizer and task (``python -m experiments.train``).
 
 ``train(cfg, run_dir)`` reads top to bottom: processes and device; the run folder (resume if
-it holds a checkpoint); data, model and optimizer; precision, compile and DDP; then the loop,
-which logs train loss / accuracy / step sizes every ``log_every`` steps, evaluates every
-``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked to stop
-(SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss or a step size
-stops being finite. What changes during a run (step, model, optimizer, train window, clock, log) is
-one RunState, whose methods resume it, evaluate, checkpoint and write the run folder's records.
-Every optimizer goes through the same adapter calls, those of experiments.adapters.Adapter;
-nothing here depends on which optimizer runs. The columns of metrics.csv and the summary's rules
-come from experiments/schema.py.
+it holds a checkpoint); data, model and optimizer, precision, compile and DDP (``_set_up``); then
+the loop (``_run_loop``), which logs train loss / accuracy / step sizes every ``log_every`` steps,
+evaluates every ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked
+to stop (SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss
+or a step size stops being finite. Everything the loop reads and changes (step, data, model,
+optimizer, train window, timer, clock, log) is one RunState, whose methods are the loop's parts
+(a training step, a logged row, a stop request), resume it, evaluate, checkpoint and write the run
+folder's records. Every optimizer goes through the same adapter calls, those of
+experiments.adapters.Adapter; nothing here depends on which optimizer runs. The columns of
+metrics.csv and the summary's rules come from experiments/schema.py.
 
-Both tasks use one loss: ``cross_entropy(logits.flatten(0, -2), y.flatten())`` (class logits
-for images, next-token logits for language models).
+The loss: ``cross_entropy(logits.flatten(0, -2), y.flatten())`` for classification (class logits
+for images, next-token logits for language models), the half squared error for a regression (the
+linear tracking stream, experiments/data/streams.py). A stream's train loss is its online loss:
+each batch is seen once, in order, and its loss is computed before the step on it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -44,6 +48,7 @@ from tqdm import tqdm
 
 from experiments import checkpoint, files, run_folder, schema
 from experiments.adapters import Adapter
+from experiments.data.common import DataSplits
 from experiments.loggers import MetricsLog, run_metadata, write_json
 from experiments.validation import check_config
 
@@ -85,18 +90,27 @@ class RunState:
     rank: int
     world_size: int
     device: torch.device
+    # what the run trains on, and how long
+    data: DataSplits
+    total_steps: int
+    steps_per_epoch: int
     # what training changes
     model: nn.Module  # unwrapped: neither compiled nor wrapped in DDP, as checkpointed
+    train_model: nn.Module  # what the forward pass calls: the model, compiled and wrapped in DDP as asked
     adapter: Adapter
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None  # autocast's dtype, None for fp32
     window: _Window  # train loss / accuracy sums since the last logged row
+    timer: _StepTimer  # step and optimizer times since the last logged row
     step: int = 0
     elapsed_before: float = 0.0  # the wall time of the jobs before this one
     started: float = field(default_factory=time.time)  # this job's start: max_time counts from here
     log: MetricsLog | None = None  # metrics.csv and W&B, on the main rank only
     # each resume by other code than the checkpoint's: {step, from, to} (trainer.resume_across_code_change)
     code_changes: list[dict[str, Any]] = field(default_factory=list)
+    windows_ms: list[tuple[float, float]] = field(default_factory=list)  # (step ms, optimizer ms) of each logged row
+    last_row: dict[str, Any] = field(default_factory=dict)  # the latest value of every logged metric
+    progress: Any = None  # the tqdm bar
 
     @property
     def distributed(self) -> bool:
@@ -151,13 +165,15 @@ class RunState:
             for x, y in batches:
                 x, y = x.to(self.device), y.to(self.device)
                 logits = eval_model(x)
-                sums[0] += F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="sum").double()
+                sums[0] += _loss(self.data.task, logits, y, reduction="sum").double()
                 sums[1] += (logits.argmax(-1) == y).sum()
                 sums[2] += y.numel()
         self.model.train()
         if self.distributed:
             dist.all_reduce(sums)
         loss_sum, correct, count = sums.tolist()
+        if self.data.task == "regression":
+            return {"test/loss": loss_sum / count}
         return {"test/loss": loss_sum / count, "test/acc": correct / count}
 
     def save_checkpoint(self, finished: bool, summary: dict[str, Any] | None = None) -> None:
@@ -195,6 +211,121 @@ class RunState:
                    self.meta_path)
 
 
+
+    # -- the loop's parts, in the order it calls them ---------------------------------------------------
+
+    def open_log(self, resumed_at_step: int | None, num_params: int) -> None:
+        """metrics.csv and W&B, then config.yaml and meta.json: written once the run is set up (logger
+        and W&B included), so that a run that fails to start leaves no record claiming it runs."""
+        if not self.is_main:
+            return
+        name = os.path.relpath(self.run_dir, self.cfg.get("run_root", "."))
+        self.log = MetricsLog(self.run_dir, schema.metrics_columns(list(self.adapter.step_sizes())),
+                              csv_enabled=self.cfg.logger.csv, wandb=self.config["logger"]["wandb"],
+                              resume_step=resumed_at_step, config=self.config,
+                              name=name if not name.startswith("..") else os.path.basename(self.run_dir))
+        print(f"{self.run_dir}: {num_params:,} parameters, {self.total_steps} steps of {self.data.batch_size} "
+              f"({self.steps_per_epoch} per epoch), {self.world_size} x {self.device}, {self.cfg.trainer.precision}"
+              + (f", resuming at step {self.step}" if resumed_at_step is not None else ""))
+        self.write_start_records(resumed_at_step)
+
+    def log_initial_evaluation(self) -> None:
+        """Step 0's row: the test metrics and step sizes before any training."""
+        self.last_row = {"step": 0, "epoch": 0.0, "time/elapsed_s": 0.0,
+                         **self.evaluate(self.data.test, self.data.batch_size), **self.adapter.step_sizes()}
+        if self.log is not None:
+            self.log.log(self.last_row)
+
+    def batches(self) -> Iterator:
+        """The training batches from the current step on (experiments.trainer._train_batches)."""
+        return _train_batches(self.data.train, self.data.batch_size, self.steps_per_epoch, self.step, self.cfg.seed,
+                              self.rank, self.world_size, self.cfg.trainer.num_workers, self.device,
+                              shuffle=self.data.shuffle)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on the batch (x, y): forward, backward, clipping, the adapter's step."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        start = self.timer.mark()
+        self.adapter.zero_grad()
+        with self.autocast():
+            logits = self.train_model(x)
+            loss = _loss(self.data.task, logits, y)
+        self.adapter.backward(self.scaler.scale(loss))
+        if self.cfg.trainer.grad_clip is not None:
+            self.adapter.unscale(self.scaler)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        before_step = self.timer.mark()
+        self.adapter.step(self.scaler)
+        self.scaler.update()
+        self.timer.add(start, before_step, self.timer.mark())
+        self.step += 1
+        self.progress.update()
+        # no .item() here: reading the loss back every step would stall the GPU queue
+        if self.data.task == "classification":
+            self.window.add(loss.detach(), (logits.detach().argmax(-1) == y).sum(), y.numel())
+        else:  # a regression logs no accuracy
+            self.window.add(loss.detach(), torch.zeros((), device=self.device), 0)
+
+    def log_row_if_due(self) -> None:
+        """The train window's row every log_every steps and the test metrics every eval_every steps
+        (and both at the last step); raises FloatingPointError if a loss or step size diverged."""
+        tcfg, row = self.cfg.trainer, {}
+        last = self.step == self.total_steps
+        if self.step % tcfg.log_every == 0 or last:
+            row.update(self.window.reduce(self.distributed))
+            row.update(self.adapter.step_sizes())
+            step_ms, optimizer_ms = self.timer.read()
+            self.windows_ms.append((step_ms, optimizer_ms))
+            row.update({"time/step_ms": step_ms, "time/optimizer_ms": optimizer_ms,
+                        "memory/peak_mb": _peak_memory_mb(self.device)})
+        if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or last):
+            row.update(self.evaluate(self.data.test, self.data.batch_size))
+        if not row:
+            return
+        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "time/elapsed_s": self.elapsed(), **row}
+        self.last_row = {**self.last_row, **row}
+        if self.log is not None:
+            self.log.log(row)
+        self.progress.set_postfix(_postfix(self.last_row), refresh=False)
+        problem = _diverged(row, zero_step_size_planned=self.adapter.plans_zero_step_size())
+        if problem:
+            raise FloatingPointError(_divergence_message(*problem, self))
+
+    def stop_if_asked(self, stops: _StopSignals) -> str | None:
+        """Checkpoint and return "preempted" (a stop signal, on any rank) or "stopped" (out of this job's
+        max_time) before the last step; None to go on. Under DDP every rank agrees on it at logging
+        steps only (one small all-reduce, no per-step sync)."""
+        tcfg = self.cfg.trainer
+        if self.distributed and self.step % tcfg.log_every != 0:
+            return None
+        out_of_time = tcfg.max_time is not None and time.time() - self.started > tcfg.max_time
+        if not _any_rank(bool(stops.received) or out_of_time, self.distributed) or self.step >= self.total_steps:
+            return None
+        self.save_checkpoint(finished=False)
+        status = "preempted" if stops.received or not out_of_time else "stopped"
+        if self.is_main:
+            reason = stops.name or ("another rank's signal" if status == "preempted"
+                                    else f"max_time of {tcfg.max_time} s")
+            then = ("passing the signal on to the handler from before the run (submitit's)" if stops.hands_over
+                    else "run the same command again to continue")
+            print(f"\n{reason}: checkpointed at step {self.step}; {then}", flush=True)
+        return status
+
+    def summary(self, status: str) -> dict[str, Any]:
+        """The run's final metrics (meta.json's summary): quality, step sizes, costs."""
+        step_size_keys = list(self.adapter.step_sizes())
+        return {
+            "status": status,
+            "step": self.step,
+            **{k: self.last_row[k] for k in schema.QUALITY if k in self.last_row},
+            **{k: self.last_row[k] for k in step_size_keys if k in self.last_row},
+            "time/step_ms": schema.steady_median([ms for ms, _ in self.windows_ms]) if self.windows_ms else None,
+            "time/optimizer_ms": schema.steady_median([ms for _, ms in self.windows_ms]) if self.windows_ms else None,
+            "memory/peak_mb": _peak_memory_mb(self.device),
+            "wall_s": self.elapsed(),
+        }
+
+
 def train(cfg: DictConfig, run_dir: str) -> TrainResult:
     """Train as ``cfg`` says in ``run_dir``, continuing from its checkpoint if it holds one.
 
@@ -207,21 +338,14 @@ def train(cfg: DictConfig, run_dir: str) -> TrainResult:
 
 
 def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack) -> TrainResult:
-    tcfg = cfg.trainer
-
-    # -- processes and device ---------------------------------------------------------------
-    # One process per rank, every rank running this same function: torchrun's processes, or
-    # the tasks of a SLURM job step (srun; the submitit launcher's tasks_per_node and nodes).
+    # -- processes and device: one process per rank, every rank running this same function --------------
     world_size, rank, local_rank, rendezvous = _process_layout()
-    distributed = world_size > 1
-    device = _pick_device(tcfg.device, local_rank if distributed else None)
-    created_group = False
-    if distributed and not dist.is_initialized():
+    device = _pick_device(cfg.trainer.device, local_rank if world_size > 1 else None)
+    created_group = world_size > 1 and not dist.is_initialized()
+    if created_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=rendezvous,
                                 rank=rank, world_size=world_size)
-        created_group = True
-
-    # -- run folder: locked, cleared of killed writers' temporaries, resumed from its checkpoint --
+    # -- run folder: locked, cleared of killed writers' temporaries, resumed from its checkpoint --------
     os.makedirs(run_dir, exist_ok=True)
     if rank == 0:
         run_folder_lock.enter_context(files.RunLock(run_dir, cfg.get("run_root")))
@@ -231,173 +355,66 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
     state = checkpoint.load_for_resume(checkpoint_path)
     code_change = None if state is None else check_resume(state, config, run_dir, checkpoint_path)
     if state is not None and state["finished"]:
-        if rank == 0 and not os.path.exists(os.path.join(run_dir, "meta.json")):
-            write_json(run_folder.meta_from_checkpoint(state), os.path.join(run_dir, "meta.json"))
-            print(f"{run_dir}: meta.json was missing; rebuilt from {checkpoint_path}")
-        print(f"{run_dir} already holds a finished run; delete the folder to run it again")
         if created_group:
             dist.destroy_process_group()
-        return TrainResult(state["summary"], None, None)
+        return _already_finished(state, run_dir, checkpoint_path, rank)
 
-    # -- data -----------------------------------------------------------------------------------
-    data = _build(cfg.dataset)
-    if data.batch_size % world_size:
-        raise ValueError(f"batch size {data.batch_size} does not split over {world_size} processes; "
-                         f"set dataset.batch_size to a multiple of {world_size}")
-    steps_per_epoch = len(data.train) // data.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {data.batch_size} exceeds the {len(data.train)} training examples")
-    if tcfg.eval_every and len(data.test) == 0:
-        raise ValueError(f"the test split of {cfg.dataset._target_} is empty, so it cannot be evaluated: give it "
-                         "examples (dataset.test_fraction, where the dataset has one) or set trainer.eval_every=0")
-    total_steps = tcfg.epochs * steps_per_epoch if tcfg.epochs is not None else tcfg.max_steps
-
-    # -- model and optimizer -----------------------------------------------------------------
-    # Same seed on every rank: identical initial weights (DDP checks); each rank's dropout
-    # and augmentation then draw from their own stream.
-    _seed_everything(cfg.seed)
-    model = _build(cfg.model, **data.model_kwargs).to(device)
-    adapter = build_adapter(cfg.optimizer, model, total_steps)
-    adapter.check(precision=tcfg.precision, distributed=distributed, compiled=tcfg.compile)
-    _seed_everything(cfg.seed + rank)
-    num_params = sum(p.numel() for p in model.parameters())
-
-    # -- precision, compile, DDP ---------------------------------------------------------------
-    # bf16 needs no loss scaling; fp16 gradients underflow without it. A disabled scaler is a
-    # no-op, so the loop below is the same for every precision.
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
-    train_model = torch.compile(model) if tcfg.compile else model
-    if distributed:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # -- the run's state, restored from the checkpoint ------------------------------------------------
-    # From here on everything that changes during the run lives in `run`; this job's clock starts now.
-    run = RunState(cfg=cfg, config=config, run_dir=run_dir, checkpoint_path=checkpoint_path, rank=rank,
-                   world_size=world_size, device=device, model=model, adapter=adapter, scaler=scaler,
-                   amp_dtype=amp_dtype, window=_Window(device))
+    # -- data, model, optimizer, precision, compile, DDP: the run's state, restored from the checkpoint ---
+    run = _set_up(cfg, config, run_dir, checkpoint_path, (rank, world_size, device))
     if state is not None:
         run.resume(state)
         if code_change is not None:
             run.code_changes.append(code_change)
 
-    # -- preemption: from here on a stop signal is recorded and acted on at the end of a step ---------
+    # -- preemption: from here on a stop signal is recorded and acted on at the end of a step ----------
     stops = _StopSignals()
     try:
-        # -- logging -----------------------------------------------------------------------------
-        step_size_keys = list(run.adapter.step_sizes())
-        columns = schema.metrics_columns(step_size_keys)
-        if run.is_main:
-            name = os.path.relpath(run_dir, cfg.get("run_root", "."))
-            run.log = MetricsLog(run_dir, columns, csv_enabled=cfg.logger.csv, wandb=run.config["logger"]["wandb"],
-                                 resume_step=None if state is None else run.step, config=run.config,
-                                 name=name if not name.startswith("..") else os.path.basename(run_dir))
-            print(f"{run_dir}: {num_params:,} parameters, {total_steps} steps of {data.batch_size} "
-                  f"({steps_per_epoch} per epoch), {run.world_size} x {run.device}, {tcfg.precision}"
-                  + (f", resuming at step {run.step}" if state is not None else ""))
-
-        # -- the run folder's records: written once the run is set up (logger and W&B included), so
-        # a run that fails to start (a missing dataset, a bad keyword) leaves no record claiming it runs
-        if run.is_main:
-            run.write_start_records(resumed_at_step=None if state is None else state["step"])
+        run.open_log(resumed_at_step=None if state is None else state["step"],
+                     num_params=sum(p.numel() for p in run.model.parameters()))
     except BaseException:
         stops.restore()
         if run.log is not None:
             run.log.close()  # no W&B run left open in the process
         raise
+    status, summary = _run_loop(run, stops, fresh=state is None)
+    if run.is_main and status == "finished":
+        print(f"{run_dir}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.items() if k != "status"))
+    if created_group:
+        dist.destroy_process_group()
+    if status == "preempted":
+        stops.hand_over()  # submitit's handler requeues the job and exits
+    return TrainResult(summary, run.model, run.adapter)
 
-    # -- the loop ----------------------------------------------------------------------------------
-    timer = _StepTimer(run.device)
-    windows_ms: list[tuple[float, float]] = []
-    last_row: dict[str, Any] = {}
-    status = "running"
-    summary: dict[str, Any] | None = None  # the final metrics, once the loop is over
+
+def _run_loop(run: RunState, stops: _StopSignals, fresh: bool) -> tuple[str, dict[str, Any]]:
+    """Train from run.step to the last step, or until a stop signal or max_time; returns (status, summary).
+
+    Whatever ends it, meta.json records how (finished, preempted, stopped, interrupted, failed) and
+    the stop signals are handed back; "finished" only once the final checkpoint is written.
+    """
+    tcfg, status, summary = run.cfg.trainer, "running", None
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     # a log file (SLURM, make run > log) gets a line every 30 s, not one per update
-    progress = tqdm(total=total_steps, initial=run.step, disable=not (run.is_main and tcfg.progress_bar),
-                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
+    run.progress = tqdm(total=run.total_steps, initial=run.step, disable=not (run.is_main and tcfg.progress_bar),
+                        dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
     try:
-        if state is None and tcfg.eval_every:
-            last_row = {"step": 0, "epoch": 0.0, "time/elapsed_s": 0.0, **run.evaluate(data.test, data.batch_size),
-                        **run.adapter.step_sizes()}
-            if run.log is not None:
-                run.log.log(last_row)
-        batches = _train_batches(data.train, data.batch_size, steps_per_epoch, run.step, cfg.seed, run.rank,
-                                 run.world_size, tcfg.num_workers, run.device)
+        if fresh and tcfg.eval_every:
+            run.log_initial_evaluation()
+        batches = run.batches()
         run.model.train()
-        while run.step < total_steps:
-            x, y = next(batches)
-            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-            start = timer.mark()
-            run.adapter.zero_grad()
-            with run.autocast():
-                logits = train_model(x)
-                loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
-            run.adapter.backward(run.scaler.scale(loss))
-            if tcfg.grad_clip is not None:
-                run.adapter.unscale(run.scaler)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip)
-            before_step = timer.mark()
-            run.adapter.step(run.scaler)
-            run.scaler.update()
-            timer.add(start, before_step, timer.mark())
-            run.step += 1
-            progress.update()
-            # no .item() here: reading the loss back every step would stall the GPU queue
-            run.window.add(loss.detach(), (logits.detach().argmax(-1) == y).sum(), y.numel())
-
-            row: dict[str, Any] = {}
-            if run.step % tcfg.log_every == 0 or run.step == total_steps:
-                row.update(run.window.reduce(run.distributed))
-                row.update(run.adapter.step_sizes())
-                step_ms, optimizer_ms = timer.read()
-                windows_ms.append((step_ms, optimizer_ms))
-                row.update({"time/step_ms": step_ms, "time/optimizer_ms": optimizer_ms,
-                            "memory/peak_mb": _peak_memory_mb(run.device)})
-            if tcfg.eval_every and (run.step % tcfg.eval_every == 0 or run.step == total_steps):
-                row.update(run.evaluate(data.test, data.batch_size))
-            if row:
-                row = {"step": run.step, "epoch": run.step / steps_per_epoch, "time/elapsed_s": run.elapsed(), **row}
-                last_row = {**last_row, **row}
-                if run.log is not None:
-                    run.log.log(row)
-                progress.set_postfix(_postfix(last_row), refresh=False)
-                problem = _diverged(row, zero_step_size_planned=run.adapter.plans_zero_step_size())
-                if problem:
-                    raise FloatingPointError(_divergence_message(*problem, run))
-
-            # Stop requests are acted on by every rank at the same step: under DDP they are
-            # agreed on at logging steps only (one small all-reduce, no per-step sync).
-            if not run.distributed or run.step % tcfg.log_every == 0:
-                out_of_time = tcfg.max_time is not None and time.time() - run.started > tcfg.max_time
-                if _any_rank(bool(stops.received) or out_of_time, run.distributed) and run.step < total_steps:
-                    run.save_checkpoint(finished=False)
-                    # preempted: a signal (on any rank); stopped: out of this job's max_time
-                    status = "preempted" if stops.received or not out_of_time else "stopped"
-                    if run.is_main:
-                        reason = stops.name or ("another rank's signal" if status == "preempted"
-                                                else f"max_time of {tcfg.max_time} s")
-                        then = ("passing the signal on to the handler from before the run (submitit's)"
-                                if stops.hands_over else "run the same command again to continue")
-                        print(f"\n{reason}: checkpointed at step {run.step}; {then}", flush=True)
-                    break
-            if tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and run.step < total_steps:
+        while run.step < run.total_steps:
+            run.train_step(*next(batches))
+            run.log_row_if_due()
+            stopped = run.stop_if_asked(stops)
+            if stopped:
+                status = stopped
+                break
+            if tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and run.step < run.total_steps:
                 run.save_checkpoint(finished=False)
         if status == "running":
             status = "finished"
-
-        # -- finish ----------------------------------------------------------------------------------
-        summary = {
-            "status": status,
-            "step": run.step,
-            **{k: last_row[k] for k in schema.QUALITY if k in last_row},
-            **{k: last_row[k] for k in step_size_keys if k in last_row},
-            "time/step_ms": schema.steady_median([ms for ms, _ in windows_ms]) if windows_ms else None,
-            "time/optimizer_ms": schema.steady_median([ms for _, ms in windows_ms]) if windows_ms else None,
-            "memory/peak_mb": _peak_memory_mb(run.device),
-            "wall_s": run.elapsed(),
-        }
+        summary = run.summary(status)
         if status == "finished":  # the last checkpoint, with the stop signals still caught
             run.save_checkpoint(finished=True, summary=summary)
     except KeyboardInterrupt:
@@ -407,21 +424,72 @@ def _train(cfg: DictConfig, run_dir: str, run_folder_lock: contextlib.ExitStack)
         status = "failed"
         raise
     finally:
-        progress.close()
+        run.progress.close()
         run.adapter.close()
         if run.log is not None:
             run.log.close()
         if run.is_main:
             run.write_final_record(status, summary, stops.name)
         stops.restore()
+    return status, summary
 
-    if run.is_main and status == "finished":
-        print(f"{run_dir}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary.items() if k != "status"))
-    if created_group:
-        dist.destroy_process_group()
-    if status == "preempted":
-        stops.hand_over()  # submitit's handler requeues the job and exits
-    return TrainResult(summary, run.model, run.adapter)
+
+def _already_finished(state: dict[str, Any], run_dir: str, checkpoint_path: str, rank: int) -> TrainResult:
+    """A folder that holds a finished run is left as it is (meta.json rebuilt from the checkpoint if lost
+    or unreadable)."""
+    problem = run_folder.meta_problem(Path(run_dir) / "meta.json")
+    if rank == 0 and problem is not None:
+        write_json(run_folder.meta_from_checkpoint(state), os.path.join(run_dir, "meta.json"))
+        print(f"{run_dir}: meta.json was {'missing' if problem == 'missing' else 'unreadable'}; rebuilt from "
+              f"{checkpoint_path}")
+    print(f"{run_dir} already holds a finished run; delete the folder to run it again")
+    return TrainResult(state["summary"], None, None)
+
+
+def _set_up(cfg: DictConfig, config: dict[str, Any], run_dir: str, checkpoint_path: str,
+            layout: tuple[int, int, torch.device]) -> RunState:
+    """Data, model and optimizer, precision, compile and DDP: a fresh RunState at step 0."""
+    rank, world_size, device = layout
+    tcfg = cfg.trainer
+    data = _build(cfg.dataset)
+    total_steps, steps_per_epoch = _steps(data, tcfg, world_size, cfg.dataset._target_)
+    # Same seed on every rank: identical initial weights (DDP checks); each rank's dropout
+    # and augmentation then draw from their own stream.
+    _seed_everything(cfg.seed)
+    model = _build(cfg.model, **data.model_kwargs).to(device)
+    adapter = build_adapter(cfg.optimizer, model, total_steps)
+    adapter.check(precision=tcfg.precision, distributed=world_size > 1, compiled=tcfg.compile)
+    _seed_everything(cfg.seed + rank)
+    # bf16 needs no loss scaling; fp16 gradients underflow without it. A disabled scaler is a
+    # no-op, so the loop is the same for every precision.
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
+    train_model = torch.compile(model) if tcfg.compile else model
+    if world_size > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return RunState(cfg=cfg, config=config, run_dir=run_dir, checkpoint_path=checkpoint_path, rank=rank,
+                    world_size=world_size, device=device, data=data, total_steps=total_steps,
+                    steps_per_epoch=steps_per_epoch, model=model, train_model=train_model, adapter=adapter,
+                    scaler=scaler, amp_dtype=amp_dtype, window=_Window(device), timer=_StepTimer(device))
+
+
+def _steps(data: DataSplits, tcfg: DictConfig, world_size: int, target: str) -> tuple[int, int]:
+    """(the run's steps, steps per epoch), refusing a dataset the run cannot train on as configured."""
+    if data.batch_size % world_size:
+        raise ValueError(f"batch size {data.batch_size} does not split over {world_size} processes; "
+                         f"set dataset.batch_size to a multiple of {world_size}")
+    steps_per_epoch = len(data.train) // data.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {data.batch_size} exceeds the {len(data.train)} training examples")
+    if tcfg.eval_every and len(data.test) == 0:
+        raise ValueError(f"the test split of {target} is empty, so it cannot be evaluated: give it "
+                         "examples (dataset.test_fraction, where the dataset has one) or set trainer.eval_every=0")
+    total_steps = tcfg.epochs * steps_per_epoch if tcfg.epochs is not None else tcfg.max_steps
+    if not data.shuffle and total_steps > steps_per_epoch:
+        raise ValueError(f"{target} is a stream of {steps_per_epoch} steps, each batch seen once, and the run asks "
+                         f"for {total_steps}: set trainer.max_steps to at most {steps_per_epoch} (or lengthen the "
+                         "stream, dataset.steps)")
+    return total_steps, steps_per_epoch
 
 
 # -- helpers (in the order the loop uses them) -------------------------------------------------------
@@ -534,8 +602,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _train_batches(dataset: Dataset, batch_size: int, steps_per_epoch: int, step: int, seed: int, rank: int,
-                   world_size: int, num_workers: int, device: torch.device) -> Iterator:
-    """Training batches from ``step`` on, forever: epoch after epoch, each a fresh permutation.
+                   world_size: int, num_workers: int, device: torch.device, shuffle: bool = True) -> Iterator:
+    """Training batches from ``step`` on, forever: epoch after epoch, each a fresh permutation
+    (or, for a stream, ``shuffle=False``, the examples in order).
 
     The order is a function of (seed, epoch) alone, so a run resumed at any step sees exactly
     the batches the uninterrupted run saw. Each global batch is split between the ranks.
@@ -544,12 +613,22 @@ def _train_batches(dataset: Dataset, batch_size: int, steps_per_epoch: int, step
     rank_batch = batch_size // world_size
     while True:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(len(dataset), generator=generator)[: steps_per_epoch * batch_size]
+        order = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
+        order = order[: steps_per_epoch * batch_size]
         indices = order.view(steps_per_epoch, world_size, rank_batch)[offset:, rank].reshape(-1).tolist()
         # the loader's own generator seeds its workers, so it never draws from the global RNG
         yield from DataLoader(dataset, batch_size=rank_batch, sampler=indices, num_workers=num_workers,
                               pin_memory=device.type == "cuda", generator=generator)
         epoch, offset = epoch + 1, 0
+
+
+def _loss(task: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The loss of a batch: cross-entropy of the class (or next-token) logits for classification, the half
+    squared error ``(y_hat - y)^2 / 2`` for a regression (experiments.data.DataSplits.task)."""
+    if task == "regression":
+        squared = 0.5 * ((logits - y) ** 2)
+        return squared.mean() if reduction == "mean" else squared.sum()
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
 
 
 def _test_batches(dataset: Dataset, batch_size: int, max_batches: int | None, rank: int, world_size: int,
@@ -588,6 +667,8 @@ class _Window:
         self.loss.zero_()
         self.correct.zero_()
         self.steps, self.examples = 0, 0
+        if not examples:  # a regression
+            return {"train/loss": loss_sum / steps}
         return {"train/loss": loss_sum / steps, "train/acc": correct / examples}
 
     def state_dict(self) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
 
     rule = select(cfg)  # the best setting on the tuning seed picks the later runs
     rows, missing, metric_columns = [], [], []
-    for run in expected_runs(cfg, lambda run: tuning_score(run_rows(run), rule["metric"], rule["mode"])):
+    for run in expected_runs(cfg, lambda run: tuning_score(run_rows(run), **rule)):
         seed = run.values.get("seed", "0")
         folder = folder_of(run)
         logged = run_rows(run)

@@ -17,7 +17,10 @@ the scale recorded in the CSV) and stops, naming them, if a run is missing or un
 - for Table 1 (kind table), results/table1/table1.md: each optimizer's median training-step time
   and peak memory against the baseline's (AdamW), one column pair per task;
 - for the drop-in benchmark (kind dropin, experiments/dropin.py), results/dropin/dropin.png and
-  dropin.md: every arm's train loss and test metric at the horizons, and the MetaOptimize arms' goals.
+  dropin.md: every arm's train loss and test metric at the horizons, and the MetaOptimize arms' goals;
+- for the continual setting (kind continual), results/continual/continual.png and continual.md: each
+  learner's online loss, and its mean over the last quarter of each stream.
+An arm's label is figure.labels' entry for it where the item's config has one, else its name.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments import dropin  # noqa: E402
 from experiments.reproduce import ITEMS, compose_experiment  # noqa: E402
 from experiments.sweeps import expected_runs, select, tune_seed  # noqa: E402
-from experiments.schema import (COSTS, PROGRESS, QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
-                                swept_keys, tuning_score)
+from experiments.schema import (COSTS, PROGRESS, QUALITY, STEP_SIZE, final, is_step_size, mean_over_last,  # noqa: E402
+                                run_key, score, steady_median, swept_keys, tuning_score)
 
 SUMMARY_METRICS = (*QUALITY, STEP_SIZE)
 
@@ -74,19 +77,21 @@ def read_runs(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def group_runs(item: str, rows: list[dict[str, str]]):
-    """The sweep's runs with their rows; raises MissingRuns naming every absent or unfinished run."""
+def group_runs(item: str, rows: list[dict[str, str]], path: Path | None = None):
+    """The sweep's runs with their rows; raises MissingRuns naming every absent or unfinished run.
+    path: the runs.csv they come from, which the errors name (default: results/<item>/runs.csv)."""
+    path = path or Path("results") / item / "runs.csv"
     if not rows:
-        raise MissingRuns(f"results/{item}/runs.csv holds no runs: run `make {item}` (SCALE=...) first")
+        raise MissingRuns(f"{path} holds no runs: run `make {item}` (SCALE=...) first")
     scales = {row["scale"] for row in rows}
     if len(scales) != 1:
-        raise ValueError(f"results/{item}/runs.csv mixes scales {sorted(scales)}: collect one scale per item")
+        raise ValueError(f"{path} mixes scales {sorted(scales)}: collect one scale per item")
     scale = scales.pop()
     cfg = compose_experiment(item, scale)
     absent = [metric for metric in cfg.figure.get("metrics") or [] if not any(
         column == metric or (metric == STEP_SIZE and is_step_size(column)) for column in rows[0])]
     if absent:
-        raise ValueError(f"results/{item}/runs.csv has no column {', '.join(absent)}, which the figure draws "
+        raise ValueError(f"{path} has no column {', '.join(absent)}, which the figure draws "
                          f"(figure.metrics of conf/experiment/{item}.yaml): collect it again from the run folders")
     swept = swept_keys(run.values for run in expected_runs(cfg))
     by_run = defaultdict(list)
@@ -95,7 +100,7 @@ def group_runs(item: str, rows: list[dict[str, str]]):
     rule = select(cfg)
 
     expected = expected_runs(cfg, lambda run: tuning_score(by_run.get((run.key, run.values.get("seed", "0")), []),
-                                                           rule["metric"], rule["mode"]))  # as the sweeper scored it
+                                                           **rule))  # as the sweeper scored it
     runs, problems = [], []
     for run in expected:
         seed = run.values.get("seed", "0")
@@ -107,7 +112,7 @@ def group_runs(item: str, rows: list[dict[str, str]]):
         else:
             runs.append((run, run_rows))
     if problems:
-        raise MissingRuns(f"results/{item}/runs.csv does not hold the whole {item} sweep at scale {scale} "
+        raise MissingRuns(f"{path} does not hold the whole {item} sweep at scale {scale} "
                           f"({len(problems)} of {len(problems) + len(runs)} runs):\n  " + "\n  ".join(problems)
                           + f"\nrun `make {item} SCALE={scale}` (finished runs are skipped), then collect again")
     return cfg, scale, runs
@@ -119,9 +124,10 @@ def curves(cfg, runs):
     for run, rows in runs:
         settings[(run.arm, run.key)].append(rows)
     rule, seed = select(cfg), tune_seed(cfg)
+    labels = dict(cfg.figure.get("labels") or {})  # an arm's label, where the item's config declares one
 
     def ranking(seeds: list) -> float:  # on the tuning seed alone, if the sweep tuned on one
-        return score([rows for rows in seeds if seed is None or rows[0]["seed"] == seed], rule["metric"], rule["mode"])
+        return score([rows for rows in seeds if seed is None or rows[0]["seed"] == seed], **rule)
 
     chosen, summary = {}, []
     for arm in dict.fromkeys(arm for arm, _ in settings):
@@ -129,7 +135,7 @@ def curves(cfg, runs):
         ranked = sorted(candidates, key=lambda key: ranking(candidates[key])) if len(candidates) > 1 else list(candidates)
         best = ranked[0]
         tuned = len(candidates) > 1
-        name = arm.replace("optimizer.", "")
+        name = labels.get(arm, arm.replace("optimizer.", ""))
         label = f"{name} ({_varying(best, candidates)})" if tuned else name
         chosen[arm] = (label, candidates[best])
         for key in ranked:
@@ -342,15 +348,42 @@ def dropin_report(item: str, cfg, chosen, runs, out: Path) -> None:
     (out / f"{item}.md").write_text(text)
 
 
+def continual_report(item: str, cfg, chosen, runs, out: Path) -> None:
+    """The continual setting: <item>.png (the online loss of each learner's reported setting, one column
+    per stream) and <item>.md, the table: each learner's mean online loss over the last fraction of the
+    stream (figure.select.last_fraction), mean +- standard deviation over seeds, best first."""
+    plot(item, cfg, chosen, runs, out)
+    fig_cfg, fraction = cfg.figure, float(cfg.figure.select.last_fraction)
+    lines = [f"# {fig_cfg.title} ({scale_label(item, cfg, runs)})", "",
+             f"Made by `make continual` (conf/experiment/continual.yaml). Each number is the mean online loss (the "
+             f"loss of each batch before the learner steps on it) over the last {fraction:.0%} of the stream, mean "
+             "+- standard deviation over seeds; a grid reports its best setting, chosen in hindsight by this same "
+             "number (a run that diverged ranks last). The curves: continual.png; every run: runs.csv.", ""]
+    for panel in fig_cfg.panels:
+        scored = []
+        for arm in panel_arms(panel.arms, chosen, runs):
+            label, seeds = chosen[arm]
+            values = [mean_over_last(rows, "train/loss", fraction) if rows[0]["status"] == "finished" else math.inf
+                      for rows in seeds]
+            finite = all(math.isfinite(v) for v in values)
+            scored.append((statistics.fmean(values) if finite else math.inf,
+                           statistics.pstdev(values) if finite else math.nan, label, len(seeds)))
+        lines += [f"## {panel.title}", "", f"| learner | online loss, last {fraction:.0%} | seeds |", "|---|---|---|"]
+        lines += [f"| {label} | {mean:.4g} +- {std:.2g} | {n} |" for mean, std, label, n in sorted(scored)]
+        lines.append("")
+    (out / f"{item}.md").write_text("\n".join(lines))
+
+
 # figure.kind -> the function that draws it (kind table writes markdown instead: table())
-RENDERERS = {"curves": plot, "step_sizes": plot, "sensitivity": sensitivity_plot, "dropin": dropin_report}
+RENDERERS = {"curves": plot, "step_sizes": plot, "sensitivity": sensitivity_plot, "dropin": dropin_report,
+             "continual": continual_report}
 
 
 def build(item: str, results: Path) -> Path:
     """Check, plot (or tabulate) and summarise one item; returns the figure's or table's path."""
     out = results / item
     rows = read_runs(out / "runs.csv")
-    cfg, _, runs = group_runs(item, rows)
+    cfg, _, runs = group_runs(item, rows, out / "runs.csv")
     chosen, summary = curves(cfg, runs)
     if cfg.figure.kind == "table":
         figure = table(item, cfg, runs, out)

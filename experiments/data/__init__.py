@@ -6,6 +6,7 @@ FileNotFoundError with the command that prepares it.
 
 from experiments.data.common import DataSplits
 from experiments.data.images import cifar10, digits, fashion_mnist, imagenet, mnist
+from experiments.data.streams import linear_tracking, permuted_digits
 from experiments.data.text import TokenWindows, text_corpus, tinystories, train_tokenizer
 
 __all__ = [
@@ -15,7 +16,9 @@ __all__ = [
     "digits",
     "fashion_mnist",
     "imagenet",
+    "linear_tracking",
     "mnist",
+    "permuted_digits",
     "text_corpus",
     "tinystories",
     "train_tokenizer",

@@ -14,13 +14,17 @@ class DataSplits:
 
     Image classification: items are (float image (C, H, W), int64 label), and model_kwargs holds
     num_classes, in_channels and image_size. Language modelling: items are (int64 tokens (T,),
-    int64 next tokens (T,)), and model_kwargs holds vocab_size and max_seq_len.
+    int64 next tokens (T,)), and model_kwargs holds vocab_size and max_seq_len. A stream
+    (experiments/data/streams.py) is read in order, each example once (``shuffle=False``), and may be
+    a regression: the trainer's loss is then the half squared error, and it logs no accuracy.
     """
 
     train: Dataset
     test: Dataset
     batch_size: int
     model_kwargs: dict
+    shuffle: bool = True  # a fresh permutation of the train split every epoch; False: in order
+    task: str = "classification"  # or "regression"
 
 
 def require(*paths: str, prepare: str) -> None:

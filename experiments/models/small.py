@@ -8,15 +8,30 @@ import torch
 from torch import nn
 
 
-def mlp(num_classes: int, in_channels: int, image_size: int, hidden: Sequence[int] = (128,)) -> nn.Sequential:
-    """Flatten, then Linear + ReLU for each hidden width, then a Linear to the class logits."""
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def mlp(num_classes: int, in_channels: int, image_size: int, hidden: Sequence[int] = (128,),
+        activation: str = "relu") -> nn.Sequential:
+    """Flatten, then Linear + activation (``relu`` or ``tanh``) for each hidden width, then a Linear to the
+    class logits."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"model.activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_channels * image_size * image_size
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+def linear(inputs: int, outputs: int = 1) -> nn.Linear:
+    """A linear model without bias, its weights starting at zero: the learner of the linear tracking
+    stream (experiments/data/streams.py) and of IDBD."""
+    model = nn.Linear(inputs, outputs, bias=False)
+    nn.init.zeros_(model.weight)
+    return model
 
 
 def small_cnn(num_classes: int, in_channels: int, image_size: int, channels: Sequence[int] = (16, 32)) -> nn.Sequential:

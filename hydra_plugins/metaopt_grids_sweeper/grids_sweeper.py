@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.files import atomic_write
 from experiments.run_folder import manifest_path, read_run
 from experiments.schema import DEFAULT_SELECT, tuning_score
-from experiments.sweeps import Setting, choose_later, expand_grids, setting_of, tuning_phases
+from experiments.sweeps import choose_later, expand_grids, setting_of, tuning_phases, with_arms
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,10 @@ class GridsSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         run_group = OmegaConf.select(self.config, "run_group") or self.config.hydra.runtime.choices.get("experiment")
+        later_runs = [run for settings in later.values() for setting in settings for run in settings[setting]]
+        arms = {run.overrides: run.arm for run in with_arms([*first, *later_runs], runs, set(self.tuned))}
         manifest = _Manifest(manifest_path(str(sweep_dir), str(run_group or "sweep"), arguments), arguments,
-                             self.tune_seed, first, later)
+                             self.tune_seed, first, later_runs, arms)
 
         log.info(f"{len(first)} runs" + (f", then the best setting of {len(later)} grids tuned on seed "
                                          f"{self.tune_seed} on the other seeds" if later else ""))
@@ -106,8 +108,7 @@ class GridsSweeper(BasicSweeper):
             folders = {}  # setting -> the tuning run's folder (a run two grids share was launched once)
             for (_, overrides), result in zip(first, (r for batch in returns for r in batch)):
                 folders[setting_of(overrides)] = Path(result.hydra_cfg.hydra.runtime.output_dir)
-            metric, mode = self.select["metric"], self.select["mode"]
-            chosen = choose_later(later, lambda setting: tuning_score(read_run(folders[setting]), metric, mode))
+            chosen = choose_later(later, lambda setting: tuning_score(read_run(folders[setting]), **self.select))
             log.info(f"tuned on seed {self.tune_seed}: the best settings' {len(chosen)} runs on the other seeds")
             self.planned += len(chosen)
             more, more_diverged = self._launch([overrides for _, overrides in chosen])
@@ -152,17 +153,17 @@ class GridsSweeper(BasicSweeper):
 
 class _Manifest:
     """The sweep written down (run_root/<run group>/sweep-<digest of its overrides>.json, atomically):
-    every run of it (grid, overrides, seed, phase, folder once launched) and, once its tuning is over,
+    every run of it (grid, arm, setting, overrides, seed, phase, folder once launched) and, once its tuning is over,
     each tuned grid's chosen setting. scripts/collect_runs.py takes a sweep's run folders from it."""
 
     def __init__(self, path: Path, arguments: Sequence[str], tune_seed: Optional[str],
-                 first: Sequence[Tuple[str, List[str]]], later: Mapping[str, Mapping[Setting, Any]]):
+                 first: Sequence[Tuple[str, List[str]]], later: Sequence[Tuple[str, List[str]]],
+                 arms: Mapping[Tuple[str, ...], str]):
         self.path = path
         self.record: Dict[str, Any] = {
             "arguments": list(arguments), "tune_seed": tune_seed, "complete": False, "chosen": {},
-            "runs": [_entry(grid, overrides, "first") for grid, overrides in first]
-            + [_entry(grid, overrides, "later") for runs in later.values() for setting in runs
-               for grid, overrides in runs[setting]],
+            "runs": [_entry(grid, overrides, arms[tuple(overrides)], phase)
+                     for runs, phase in ((first, "first"), (later, "later")) for grid, overrides in runs],
         }
         self.write()
 
@@ -185,9 +186,10 @@ class _Manifest:
             f.write("\n")
 
 
-def _entry(grid: str, overrides: List[str], phase: str) -> Dict[str, Any]:
+def _entry(grid: str, overrides: List[str], arm: str, phase: str) -> Dict[str, Any]:
     seed = dict(o.split("=", 1) for o in overrides).get("seed", "0")
-    return {"grid": grid, "overrides": list(overrides), "seed": seed, "phase": phase, "folder": None, "launched": False}
+    return {"grid": grid, "arm": arm, "setting": list(setting_of(overrides)), "overrides": list(overrides),
+            "seed": seed, "phase": phase, "folder": None, "launched": False}
 
 
 # -- stop signals reach the runs -------------------------------------------------------------------

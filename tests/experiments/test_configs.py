@@ -11,6 +11,8 @@ from experiments.trainer import train
 from tests.experiments.helpers import CONF, TINY, compose_train, finite, read_metrics
 
 OPTIMIZERS = sorted(path.stem for path in (CONF / "optimizer").glob("*.yaml"))
+# idbd needs a linear least-squares model: tests/experiments/test_continual.py trains it on the linear stream
+ON_DIGITS = [name for name in OPTIMIZERS if name != "idbd"]
 
 
 def overrides_for(name: str) -> list[str]:
@@ -32,7 +34,7 @@ def test_every_paper_row_has_a_config():
     assert expected <= set(OPTIMIZERS)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", ON_DIGITS)
 def test_optimizer_config_trains(name, tmp_path):
     result = train(compose_train(*overrides_for(name)), str(tmp_path))
 

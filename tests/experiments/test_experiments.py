@@ -60,6 +60,8 @@ EXPECTED_RUNS = {
     # seed 1, at every scale but smoke (1 seed); tests/experiments/test_dropin.py checks the arms
     "dropin": {"full": 3 * (DROPIN_ARMS * 2 + 5 + 1), "mini": 3 * (DROPIN_ARMS * 2 + 5 + 1),
                "smoke": 3 * (DROPIN_ARMS + 5)},
+    # beyond the paper, CPU-sized at every scale: 56 runs a seed (tests/experiments/test_continual.py)
+    "continual": {"full": 56 * 3, "mini": 56 * 3, "smoke": 56},
 }
 # Figures drawn from another's runs: their runs are a subset of that sweep's, in the same folders.
 SHARED = {"fig3": "fig1", "fig6": "fig4", "fig7": "fig5", "fig8": "fig4"}
@@ -97,7 +99,7 @@ def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
     tuning_first = expected_runs(cfg)  # before any tuning run has finished: the later runs wait
     tuned_later = [run for run in runs if run not in tuning_first]
     assert all(run.grid in cfg.figure.tuned and run.values["seed"] != "0" for run in tuned_later)
-    tuned_on_seed_0 = (scale == "mini" and item not in ("sensitivity", "table1")
+    tuned_on_seed_0 = (scale == "mini" and item not in ("sensitivity", "table1", "continual")
                        or item == "dropin" and scale != "smoke")  # dropin: at every scale with two seeds
     assert len(tuned_later) == (len(cfg.figure.tuned) if tuned_on_seed_0 else 0)
     assert cfg.hydra.mode.name == "MULTIRUN"
@@ -135,7 +137,7 @@ def test_each_grid_composes_into_a_run_config(experiments, item, scale):
                 assert job.optimizer.meta_lr == float(run.values["optimizer.meta_lr"])
 
 
-@pytest.mark.parametrize("item", [item for item in ITEMS if item not in ("table1", "dropin")])  # dropin: defaults
+@pytest.mark.parametrize("item", [item for item in ITEMS if item not in ("table1", "dropin", "continual")])  # dropin: defaults; continual: one size
 def test_mini_scale_keeps_the_algorithms_settings(experiments, item):
     """A CPU-scale stand-in shrinks data, model, grids and seeds, never eta, gamma or alpha0, and runs
     long enough for the step size to grow from alpha0 (at eta = 1e-3, about 7,000 steps)."""

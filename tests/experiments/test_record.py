@@ -21,7 +21,9 @@ import pytest
 
 from experiments import checkpoint
 from experiments.run_folder import read_run
+from experiments.reproduce import compose_experiment
 from experiments.schema import tuning_score
+from experiments.sweeps import expected_runs
 from experiments.trainer import train
 from tests.experiments.helpers import TINY, compose_train, read_wandb_records, rows_if_any
 
@@ -119,11 +121,14 @@ def test_collect_runs_takes_only_the_folders_of_its_own_sweep(tmp_path):
                                 *extra], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
         assert sweep.returncode == 0, sweep.stderr[-3000:]
     # each sweep wrote down its runs and their folders: its manifest
+    fig2 = compose_experiment("fig2", "smoke")
     manifests = sorted((tmp_path / "runs" / "fig2").glob("sweep-*.json"))
     assert len(manifests) == 2
     for manifest in manifests:
         record = json.loads(manifest.read_text())
         assert record["complete"] and len(record["runs"]) == 5
+        # each run's arm, as the figure names its curve
+        assert [entry["arm"] for entry in record["runs"]] == [run.arm for run in expected_runs(fig2)]
         assert all(entry["launched"] and (tmp_path / "runs" / entry["folder"] / "metrics.csv").exists()
                    and ("trainer.max_steps=6" in entry["folder"]) == ("trainer.max_steps=6" in record["arguments"])
                    for entry in record["runs"])

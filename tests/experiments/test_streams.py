@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from experiments.streams import LinearTracking, PermutedDigits
+from experiments.data.streams import LinearTracking, PermutedDigits
 
 
 def test_linear_tracking_flips_one_relevant_target_every_interval():

@@ -1,4 +1,4 @@
-"""Streams whose loss changes over time: the continual (non-stationary) setting.
+"""Streams whose loss changes over time: the continual (non-stationary) setting, as datasets.
 
 A stream is fixed in advance by its seed: ``stream.batch(t)`` is the batch of step ``t``, the
 same for every learner that runs on it; ``stream.loss(outputs, targets)`` is the loss on it and
@@ -13,6 +13,12 @@ and is scored on the *online* loss: the loss of each batch before the learner st
 * :class:`PermutedDigits`: scikit-learn's 8x8 digits (1,797 images shipped inside the package),
   with the labels permuted anew every ``permute_every`` steps: the inputs stay, the mapping
   to classes changes. A one-hidden-layer MLP, cross-entropy.
+
+The builders :func:`linear_tracking` and :func:`permuted_digits` (conf/dataset/<name>.yaml) hand a
+stream to the trainer as a DataSplits whose train split holds its examples in the order the
+learner sees them (``shuffle=False``: batch ``t`` of the loader is ``stream.batch(t)``, each seen
+once), with no test split: a learner is scored on its train loss, which the trainer computes on
+each batch before stepping on it, the online loss.
 """
 
 from __future__ import annotations
@@ -21,18 +27,21 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from experiments.data.common import DataSplits
 
 
 @dataclass
 class LinearTracking:
     steps: int
     inputs: int = 20
-    relevant: int = 5
-    flip_every: int = 20
+    relevant: int = 5  # target weights of +-1; the other inputs' weights are 0
+    flip_every: int = 20  # steps between sign flips of one relevant weight
     batch_size: int = 1
     seed: int = 0
-    x: Tensor = field(init=False, repr=False)
-    y: Tensor = field(init=False, repr=False)
+    x: Tensor = field(init=False, repr=False)  # (steps, batch_size, inputs)
+    y: Tensor = field(init=False, repr=False)  # (steps, batch_size, 1)
 
     def __post_init__(self):
         generator = torch.Generator().manual_seed(self.seed)
@@ -66,12 +75,12 @@ class LinearTracking:
 @dataclass
 class PermutedDigits:
     steps: int
-    permute_every: int = 2000
+    permute_every: int = 2000  # steps between new permutations of the labels
     batch_size: int = 16
-    hidden: int = 64
+    hidden: int = 64  # tanh units of model()
     seed: int = 0
-    features: Tensor = field(init=False, repr=False)
-    labels: Tensor = field(init=False, repr=False)
+    features: Tensor = field(init=False, repr=False)  # (1797, 64) in [0, 1]
+    labels: Tensor = field(init=False, repr=False)  # (1797,) the true classes, before any permutation
 
     def __post_init__(self):
         from sklearn.datasets import load_digits  # here: only this stream needs scikit-learn
@@ -96,4 +105,26 @@ class PermutedDigits:
         return nn.functional.cross_entropy(outputs, targets)
 
 
-STREAMS = {"linear_tracking": LinearTracking, "permuted_digits": PermutedDigits}
+def linear_tracking(steps: int, flip_every: int = 20, inputs: int = 20, relevant: int = 5, batch_size: int = 1,
+                    seed: int = 0) -> DataSplits:
+    """Sutton's tracking task as a dataset: a regression (the half squared error), for the linear model
+    conf/model/linear.yaml (``model_kwargs``: its number of inputs)."""
+    stream = LinearTracking(steps, inputs, relevant, flip_every, batch_size, seed)
+    return _in_order(stream.x.flatten(0, 1), stream.y.flatten(0, 1), stream, task="regression",
+                     model_kwargs={"inputs": inputs})
+
+
+def permuted_digits(steps: int, permute_every: int = 2000, batch_size: int = 16, seed: int = 0) -> DataSplits:
+    """The digits with labels permuted every ``permute_every`` steps, as a dataset: classification, for
+    an MLP on 8x8 grey images (``model_kwargs`` as experiments.data.digits gives them)."""
+    stream = PermutedDigits(steps, permute_every, batch_size, seed=seed)
+    batches = [stream.batch(t) for t in range(steps)]
+    return _in_order(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]), stream,
+                     task="classification", model_kwargs={"num_classes": 10, "in_channels": 1, "image_size": 8})
+
+
+def _in_order(x: Tensor, y: Tensor, stream: LinearTracking | PermutedDigits, task: str, model_kwargs: dict
+              ) -> DataSplits:
+    """A stream's examples, batch after batch, as a train split read in order; an empty test split."""
+    return DataSplits(train=TensorDataset(x, y), test=TensorDataset(x[:0], y[:0]), batch_size=stream.batch_size,
+                      model_kwargs=model_kwargs, shuffle=False, task=task)
