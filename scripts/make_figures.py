@@ -192,7 +192,8 @@ def plot(item: str, cfg, chosen, runs, out: Path) -> None:
     baselines = set(fig_cfg.get("baselines") or [])  # dashed; MetaOptimize's arms solid
     metrics = list(fig_cfg.metrics)
     nrows = 1 if step_size_kind else len(metrics)
-    fig, axes = plt.subplots(nrows, len(panels), figsize=(max(6.4, 4.8 * len(panels)), 3.4 * nrows), squeeze=False)
+    size = tuple(fig_cfg.get("size") or (max(6.4, 4.8 * len(panels)), 3.4 * nrows))  # figure.size: [width, height]
+    fig, axes = plt.subplots(nrows, len(panels), figsize=size, squeeze=False)
     for col, panel in enumerate(panels):
         for arm_index, arm in enumerate(panel_arms(panel.arms, chosen, runs)):
             label, seeds = chosen[arm]
@@ -222,7 +223,10 @@ def plot(item: str, cfg, chosen, runs, out: Path) -> None:
         for row in range(nrows):
             axes[row][col].set_xlabel("step")
             axes[row][col].grid(alpha=0.3)
-        axes[0][col].legend(fontsize=7)
+        if fig_cfg.get("legend") == "below":  # many curves: the legend under the panel, not over its curves
+            axes[-1][col].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+        else:
+            axes[0][col].legend(fontsize=7)
     scale = scale_label(item, cfg, runs, separator="\n")  # the stand-ins on a line of their own
     fig.suptitle(f"{fig_cfg.title} ({scale})", fontsize=10)
     fig.tight_layout()

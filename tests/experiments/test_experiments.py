@@ -113,7 +113,8 @@ def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
 COMPOSE_CASES = [pytest.param(item, scale, marks=[] if scale == "mini" and item in ("fig1", "fig2", "fig4", "fig5",
                                                                                    "sensitivity")
                               else [pytest.mark.slow]) for item in ITEMS for scale in SCALES
-                if item != "dropin"]  # its tasks' data and models: tests/experiments/test_dropin.py
+                if item not in ("dropin", "continual")]  # their data and models: tests/experiments/test_dropin.py,
+# tests/experiments/test_continual.py
 
 
 @pytest.mark.parametrize("item, scale", COMPOSE_CASES)
