@@ -7,7 +7,8 @@ One step over a :class:`metaopt.plan.Plan`, with :math:`g` in ``p.grad`` and the
 2. per segment, the base update :math:`\Delta w = -\alpha (d(g) + \kappa w)` with the step sizes from
    before the meta update, and the trace :math:`h \leftarrow \gamma (1 - \kappa\alpha) h + \Delta w`;
 3. per meta segment, once every base update has used the old step sizes, the meta update of its
-   blocks' :math:`\beta` with their summed terms.
+   blocks' :math:`\beta` with their summed terms (summed over the device mesh too where a block spans
+   the shards of a sharded parameter: :mod:`metaopt.distributed`).
 
 The arithmetic is the kernel's (:mod:`metaopt.kernels`), where the state lives the plan's
 (:mod:`metaopt.plan`). Nothing is read back to the host.
@@ -44,26 +45,43 @@ def _memoized_alphas(lr: float | Tensor, index: int, memo: dict) -> Callable[[Ha
     return of
 
 
+def _summed(terms: dict[Hashable, list[Tensor]]) -> dict[Hashable, Tensor]:
+    """Each block's terms summed by one reduction."""
+    return {block: zs[0] if len(zs) == 1 else torch.stack(zs).sum(0) for block, zs in terms.items()}
+
+
 def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rule, meta_rule) -> None:
-    """One Hessian-free step of every segment and meta segment of ``plan``; ``kernels``: each param group's."""
+    """One Hessian-free step of every segment and meta segment of ``plan``; ``kernels``: each param group's.
+
+    In phases, so that a sharded model's all-reduce (:mod:`metaopt.distributed`) overlaps the base
+    update: the meta-gradient terms of every segment; the reduction of the partial ones issued; the
+    base updates; the reduction waited on; the meta updates."""
+    grads = [segment.gather() for segment in plan.segments]
     terms: dict[Hashable, list[Tensor]] = {}
+    partial_terms: dict[Hashable, list[Tensor]] = {}  # sums over a shard's rows: summed over the mesh
+    for segment, segment_grads in zip(plan.segments, grads):
+        meta_grads = segment.meta_grads(kernels[segment.group], segment_grads)
+        for block, z, partial in zip(segment.block_keys, meta_grads, segment.partial):
+            (partial_terms if partial else terms).setdefault(block, []).append(z)
+    partial_sums = _summed(partial_terms)
+    if plan.reduction is not None:
+        plan.reduction.issue(partial_sums)
     memo: dict = {}
-    for segment in plan.segments:
+    for segment, segment_grads in zip(plan.segments, grads):
         index = segment.group
         group, kernel = param_groups[index], kernels[index]
-        grads = segment.gather()
-        for block, z in zip(segment.block_keys, segment.meta_grads(kernel, grads)):
-            terms.setdefault(block, []).append(z)
         step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
         torch._foreach_add_(segment.counters, 1)
         kernel.update(
-            segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,
+            segment.weights, segment_grads, segment.traces, segment.moments, segment.steps, step_sizes,
             rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
             weight_decay=group["weight_decay"], gamma=group["gamma"],
         )
         segment.scatter()
-    # a block's terms are summed by one reduction
-    sums = {block: zs[0] if len(zs) == 1 else torch.stack(zs).sum(0) for block, zs in terms.items()}
+    sums = _summed(terms)
+    if plan.reduction is not None:
+        for block, z in plan.reduction.wait(partial_sums).items():  # the whole tensors' terms added to the shards'
+            sums[block] = z + sums[block] if block in sums else z
     for meta in plan.meta_segments:
         group = param_groups[meta.group]
         torch._foreach_add_(meta.counters, 1)
