@@ -20,12 +20,12 @@ does not hold are refused before any work (:func:`metaopt.plan.check_layouts`).
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Hashable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
 
 if TYPE_CHECKING:
     from metaopt.granularity import Placement
@@ -35,15 +35,26 @@ if TYPE_CHECKING:
 OVERLAP = True
 
 
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor``. Read from ``sys.modules``: there is none before
+    ``torch.distributed.tensor`` is imported, and ``import metaopt`` does not import it (about 0.3 s)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def local(tensor: Tensor) -> Tensor:
     """The rank's shard of a ``DTensor`` (the tensor itself, so that in-place updates reach the
     parameter); any other tensor unchanged."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def is_sharded(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a ``DTensor`` sharded over its mesh (its local part is a part of it)."""
-    return isinstance(tensor, DTensor) and any(isinstance(placement, Shard) for placement in tensor.placements)
+    if not is_dtensor(tensor):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return any(isinstance(placement, Shard) for placement in tensor.placements)
 
 
 def like(original: Tensor, shard: Tensor) -> Tensor:
@@ -51,8 +62,10 @@ def like(original: Tensor, shard: Tensor) -> Tensor:
     ``original`` is one (dim 0 global as ``original``'s where sharded), ``shard`` itself otherwise. The
     result shares ``shard``'s memory: optimizer state viewing flat buffers stays a ``DTensor``, which
     ``torch.distributed.checkpoint`` saves shard by shard."""
-    if not isinstance(original, DTensor):
+    if not is_dtensor(original):
         return shard
+    from torch.distributed.tensor import DTensor
+
     shape = tuple(shard.shape)
     if is_sharded(original) and shape:
         shape = (original.shape[0], *shape[1:])
@@ -70,14 +83,14 @@ def global_view_shape(view_shape: tuple[int, ...], p: Tensor) -> tuple[int, ...]
 
 def full(tensor: Tensor) -> Tensor:
     """The whole tensor on every rank (a collective for a sharded ``DTensor``: call it on every rank)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 def mesh_of(param_groups: list[dict[str, Any]]):
     """The device mesh of the ``DTensor`` parameters (one, :func:`check_layouts`), or ``None``."""
     for group in param_groups:
         for p in group["params"]:
-            if isinstance(p, DTensor):
+            if is_dtensor(p):
                 return p.device_mesh
     return None
 

@@ -53,7 +53,6 @@ from typing import Any, Callable, Hashable, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from metaopt import distributed
 from metaopt.distributed import local
@@ -442,8 +441,10 @@ def check_layouts(param_groups: list[dict[str, Any]], placements: dict[int, Plac
             if isinstance(owner, Tensor) and owner is not p and not laid_out_as_owner:
                 raise ValueError(f"parameter {name} takes the step sizes of its weight's rows (blocks='nodewise') but is "
                                  "laid out otherwise than that weight: shard both along dim 0 on the same mesh")
-            if not isinstance(p, DTensor):
+            if not distributed.is_dtensor(p):
                 continue
+            from torch.distributed.tensor import Replicate, Shard
+
             if approx_kind != "hessian_free":
                 raise ValueError(f"parameter {name} is a DTensor: approx={approx_kind!r} keeps Hessian-vector products "
                                  "of whole tensors; use approx='hessian_free' (the default) with fully_shard")
