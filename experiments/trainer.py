@@ -1,7 +1,8 @@
 """The one training loop for every optimizer and task (``python -m experiments.train``).
 
 ``train(cfg, run_dir)`` reads top to bottom: processes and device; the run folder (resume if
-it holds a checkpoint); data, model and optimizer, precision, compile and DDP (``_set_up``); then
+it holds a checkpoint); data, model (sharded by FSDP2 with trainer.strategy=fsdp: experiments/sharding.py)
+and optimizer, precision, compile and DDP (``_set_up``); then
 the loop (``_run_loop``), which logs train loss / accuracy / step sizes every ``log_every`` steps,
 evaluates every ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps and when asked
 to stop (SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, ``max_time``), and stops with an explanation if the loss
@@ -46,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from experiments import checkpoint, files, run_folder, schema
+from experiments import checkpoint, files, run_folder, schema, sharding
 from experiments.adapters import Adapter
 from experiments.data.common import DataSplits
 from experiments.loggers import MetricsLog, run_metadata, write_json
@@ -90,12 +91,13 @@ class RunState:
     rank: int
     world_size: int
     device: torch.device
+    sharded: bool  # trainer.strategy=fsdp over several ranks (experiments/sharding.py)
     # what the run trains on, and how long
     data: DataSplits
     total_steps: int
     steps_per_epoch: int
     # what training changes
-    model: nn.Module  # unwrapped: neither compiled nor wrapped in DDP, as checkpointed
+    model: nn.Module  # unwrapped: neither compiled nor wrapped in DDP, as checkpointed (with FSDP2, sharded)
     train_model: nn.Module  # what the forward pass calls: the model, compiled and wrapped in DDP as asked
     adapter: Adapter
     scaler: torch.amp.GradScaler
@@ -135,8 +137,16 @@ class RunState:
     def resume(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's payload: weights, optimizer, scaler, train window, this
         rank's random number generators, step and elapsed time."""
-        self.model.load_state_dict(state["model"])
-        self.adapter.load_state_dict(state["optimizer"])
+        if bool(state.get("shards")) != self.sharded:
+            raise ValueError(f"{self.checkpoint_path} was written by a run {'' if state.get('shards') else 'not '}sharded "
+                             "over several ranks: resume it as it ran (trainer.strategy=fsdp under torchrun or srun with "
+                             "more than one task, or trainer.strategy=ddp)")
+        if self.sharded:  # the optimizer's state from the shards, the adapter's other parts from the payload
+            sharding.load(self.model, self.adapter, self.run_dir, state["shards"])
+            self.adapter.load_state_dict({**state["optimizer"], "optimizer": self.adapter.optimizer.state_dict()})
+        else:
+            self.model.load_state_dict(state["model"])
+            self.adapter.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.window.load_state_dict(state["window"])
         # each rank's own generators (a run resumed on fewer ranks takes the first ones)
@@ -168,6 +178,10 @@ class RunState:
                 sums[0] += _loss(self.data.task, logits, y, reduction="sum").double()
                 sums[1] += (logits.argmax(-1) == y).sum()
                 sums[2] += y.numel()
+            if self.sharded:  # every forward gathers the weights from every rank: all ranks run as many
+                most = len(_test_batches(test, batch_size, tcfg.eval_batches, 0, self.world_size, tcfg.num_workers))
+                for _ in range(most - len(batches)):
+                    eval_model(test[0][0].unsqueeze(0).to(self.device))
         self.model.train()
         if self.distributed:
             dist.all_reduce(sums)
@@ -178,25 +192,42 @@ class RunState:
 
     def save_checkpoint(self, finished: bool, summary: dict[str, Any] | None = None) -> None:
         """Checkpoint the run at the current step: every rank calls it (its generators are
-        gathered), the main rank writes the file."""
+        gathered; sharded, it writes its shards), the main rank writes the file."""
         rng = [checkpoint.rng_state()]
         if self.distributed:
             rng = [None] * self.world_size
             dist.all_gather_object(rng, checkpoint.rng_state())
+        step_sizes = self.adapter.step_sizes()  # on every rank: sharded step sizes are gathered
+        parts = self._sharded_parts(step_sizes) if self.sharded else {
+            "model": self.model.state_dict(), "optimizer": self.adapter.state_dict()}
         if self.is_main:
             payload = {
-                "step": self.step, "finished": finished, "summary": summary, "config": self.config,
-                "model": self.model.state_dict(), "optimizer": self.adapter.state_dict(),
+                "step": self.step, "finished": finished, "summary": summary, "config": self.config, **parts,
                 "scaler": self.scaler.state_dict(), "window": self.window.state_dict(), "rng": rng,
                 "elapsed_s": self.elapsed(), **record_of_identity(self.config, self.code_changes),
             }
             # a diverged state never replaces the last good checkpoint, even between logged rows
-            problem = _non_finite_state(payload, self.adapter.step_sizes())
+            problem = None if self.sharded else _non_finite_state(payload, step_sizes)
             if problem:
                 raise FloatingPointError(_divergence_message(*problem, self))
             if self.log is not None:
                 self.log.sync()  # the rows up to this step reach the disk before the checkpoint that counts on them
             checkpoint.save(payload, self.checkpoint_path)
+            if self.sharded:
+                sharding.remove_stale(self.checkpoint_path)
+
+    def _sharded_parts(self, step_sizes: dict[str, float]) -> dict[str, Any]:
+        """Every rank checks its shards and writes them (sharding.save); what checkpoint.pt holds of
+        the model and the optimizer then: the shards' folder and the adapter's other state."""
+        model_state, optimizer_state = sharding.state_dicts(self.model, self.adapter)
+        shards = {"model": sharding.local(model_state), "optimizer": sharding.local(optimizer_state),
+                  "window": self.window.state_dict()}
+        problem = sharding.agreed(_non_finite_state(shards, step_sizes))
+        if problem:
+            raise FloatingPointError(_divergence_message(*problem, self))
+        name = sharding.save(model_state, optimizer_state, self.checkpoint_path, self.step)
+        rest = {key: value for key, value in self.adapter.state_dict().items() if key != "optimizer"}
+        return {"model": {}, "optimizer": rest, "shards": name}
 
     def write_final_record(self, status: str, summary: dict[str, Any] | None, signal_name: str | None) -> None:
         """meta.json's status and step at the end of this job: "finished" (with the summary) only
@@ -448,7 +479,8 @@ def _already_finished(state: dict[str, Any], run_dir: str, checkpoint_path: str,
 
 def _set_up(cfg: DictConfig, config: dict[str, Any], run_dir: str, checkpoint_path: str,
             layout: tuple[int, int, torch.device]) -> RunState:
-    """Data, model and optimizer, precision, compile and DDP: a fresh RunState at step 0."""
+    """Data, model (sharded with trainer.strategy=fsdp) and optimizer, precision, compile and DDP: a
+    fresh RunState at step 0."""
     rank, world_size, device = layout
     tcfg = cfg.trainer
     data = _build(cfg.dataset)
@@ -457,18 +489,23 @@ def _set_up(cfg: DictConfig, config: dict[str, Any], run_dir: str, checkpoint_pa
     # and augmentation then draw from their own stream.
     _seed_everything(cfg.seed)
     model = _build(cfg.model, **data.model_kwargs).to(device)
+    sharded = world_size > 1 and tcfg.strategy == "fsdp"
+    if sharded:  # before the optimizer sees the parameters: it holds their shards
+        sharding.shard(model, device, world_size)
     adapter = build_adapter(cfg.optimizer, model, total_steps)
     adapter.check(precision=tcfg.precision, distributed=world_size > 1, compiled=tcfg.compile)
+    if sharded:
+        sharding.check(adapter, precision=tcfg.precision, compiled=tcfg.compile)
     _seed_everything(cfg.seed + rank)
     # bf16 needs no loss scaling; fp16 gradients underflow without it. A disabled scaler is a
     # no-op, so the loop is the same for every precision.
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
     train_model = torch.compile(model) if tcfg.compile else model
-    if world_size > 1:
+    if world_size > 1 and not sharded:  # sharded: FSDP2 above
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     return RunState(cfg=cfg, config=config, run_dir=run_dir, checkpoint_path=checkpoint_path, rank=rank,
-                    world_size=world_size, device=device, data=data, total_steps=total_steps,
+                    world_size=world_size, device=device, sharded=sharded, data=data, total_steps=total_steps,
                     steps_per_epoch=steps_per_epoch, model=model, train_model=train_model, adapter=adapter,
                     scaler=scaler, amp_dtype=amp_dtype, window=_Window(device), timer=_StepTimer(device))
 

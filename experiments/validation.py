@@ -83,6 +83,7 @@ TRAINER = {
     "grad_clip": Setting("number", low=0, low_open=True, nullable=True, meaning="null: no clipping"),
     "precision": Setting("str", choices=("fp32", "bf16", "fp16")),
     "compile": Setting("bool"),
+    "strategy": Setting("str", choices=("ddp", "fsdp"), meaning="how several processes split the work"),
     "device": Setting("str", pattern=r"auto|cpu|mps|cuda(:\d+)?", meaning="auto, cpu, mps, cuda or cuda:<index>"),
     "num_workers": Setting("int", low=0),
     "progress_bar": Setting("bool"),

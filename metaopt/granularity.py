@@ -13,12 +13,14 @@ from typing import Any, Callable, NamedTuple
 
 from torch import Tensor
 
+from metaopt.distributed import local
+
 
 class Placement(NamedTuple):
     """Where a parameter's step sizes live and how they broadcast against it."""
 
     owner: int | Tensor  # a param group index (scalar, param_group) or a parameter (its state holds the block)
-    view_shape: tuple[int, ...]  # the owner's beta viewed to broadcast against the parameter
+    view_shape: tuple[int, ...]  # the owner's beta viewed to broadcast against the parameter (its local shard)
     meta_group: int  # index of the param group whose meta hyper-parameters the block uses
     group: int  # index of the parameter's own param group
     number: int = 0  # the block's number, shared by the parameters whose step sizes it holds
@@ -50,12 +52,12 @@ def _layerwise(p, index, owner_group, biases):
 def _nodewise(p, index, owner_group, biases):
     if id(p) in biases:  # a bias shares the step sizes of its weight's rows
         weight, weight_group = biases[id(p)]
-        return Placement(weight, tuple(p.shape), weight_group, index)
-    return Placement(p, _node_shape(p), index, index)
+        return Placement(weight, tuple(local(p).shape), weight_group, index)
+    return Placement(p, _node_shape(local(p)), index, index)
 
 
 def _weightwise(p, index, owner_group, biases):
-    return Placement(p, tuple(p.shape), index, index)
+    return Placement(p, tuple(local(p).shape), index, index)
 
 
 GRANULARITIES: dict[str, Granularity] = {

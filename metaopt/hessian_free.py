@@ -7,7 +7,8 @@ One step over a :class:`metaopt.plan.Plan`, with :math:`g` in ``p.grad`` and the
 2. per segment, the base update :math:`\Delta w = -\alpha (d(g) + \kappa w)` with the step sizes from
    before the meta update, and the trace :math:`h \leftarrow \gamma (1 - \kappa\alpha) h + \Delta w`;
 3. per meta segment, once every base update has used the old step sizes, the meta update of its
-   blocks' :math:`\beta` with their summed terms.
+   blocks' :math:`\beta` with their summed terms (summed over the device mesh too where a block spans
+   the shards of a sharded parameter: :mod:`metaopt.distributed`).
 
 The arithmetic is the kernel's (:mod:`metaopt.kernels`), where the state lives the plan's
 (:mod:`metaopt.plan`). A kernel with a ``fused_update`` (``triton``) does steps 1 and 2 of a flat
@@ -47,35 +48,54 @@ def _memoized_alphas(lr: float | Tensor, index: int, memo: dict) -> Callable[[Ha
     return of
 
 
-def _summed(zs: list) -> Tensor | DeferredTerms:
+def _summed(zs: list) -> Tensor:
     """A block's terms summed by one reduction (a fused kernel's partial sums reduced first)."""
     if len(zs) == 1:
         return zs[0]
     return torch.stack([z.reduced() if isinstance(z, DeferredTerms) else z for z in zs]).sum(0)
 
 
+def _collect(segment, zs: list, terms: dict[Hashable, list], partial_terms: dict[Hashable, list]) -> None:
+    """A segment's terms by block; those over a shard's rows (``segment.partial``) apart, to be summed over the mesh."""
+    for block, z, partial in zip(segment.block_keys, zs, segment.partial):
+        (partial_terms if partial else terms).setdefault(block, []).append(z)
+
+
 def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rule, meta_rule) -> None:
-    """One Hessian-free step of every segment and meta segment of ``plan``; ``kernels``: each param group's."""
+    """One Hessian-free step of every segment and meta segment of ``plan``; ``kernels``: each param group's.
+
+    In phases, so that a sharded model's all-reduce (:mod:`metaopt.distributed`) overlaps the base
+    update: the meta-gradient terms of every segment; the reduction of the partial ones issued; the
+    base updates; the reduction waited on; the meta updates. A fused kernel's segment (never sharded)
+    gives its terms in the base update's pass."""
+    grads = [segment.gather() for segment in plan.segments]
+    fused = [kernels[s.group].fused_update is not None and isinstance(s, FlatSegment) for s in plan.segments]
     terms: dict[Hashable, list] = {}
+    partial_terms: dict[Hashable, list] = {}
+    for segment, segment_grads, one_pass in zip(plan.segments, grads, fused):
+        if not one_pass:
+            _collect(segment, segment.meta_grads(kernels[segment.group], segment_grads), terms, partial_terms)
+    partial_sums = {block: _summed(zs) for block, zs in partial_terms.items()}
+    if plan.reduction is not None:
+        plan.reduction.issue(partial_sums)
     memo: dict = {}
-    for segment in plan.segments:
+    for segment, segment_grads, one_pass in zip(plan.segments, grads, fused):
         index = segment.group
         group, kernel = param_groups[index], kernels[index]
-        grads = segment.gather()
         hp = dict(rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
                   weight_decay=group["weight_decay"], gamma=group["gamma"])
-        if kernel.fused_update is not None and isinstance(segment, FlatSegment):  # steps 1 and 2 in one pass
+        if one_pass:  # the meta-gradient terms and the base update in one pass
             torch._foreach_add_(segment.counters, 1)
-            zs = kernel.fused_update(segment, grads, group["lr"], **hp)
+            _collect(segment, kernel.fused_update(segment, segment_grads, group["lr"], **hp), terms, partial_terms)
         else:
-            zs = segment.meta_grads(kernel, grads)
             step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
             torch._foreach_add_(segment.counters, 1)
-            kernel.update(segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes, **hp)
-        for block, z in zip(segment.block_keys, zs):
-            terms.setdefault(block, []).append(z)
+            kernel.update(segment.weights, segment_grads, segment.traces, segment.moments, segment.steps, step_sizes, **hp)
         segment.scatter()
     sums = {block: _summed(zs) for block, zs in terms.items()}
+    if plan.reduction is not None:
+        for block, z in plan.reduction.wait(partial_sums).items():  # the whole tensors' terms added to the shards'
+            sums[block] = z + sums[block] if block in sums else z
     for meta in plan.meta_segments:
         group = param_groups[meta.group]
         torch._foreach_add_(meta.counters, 1)

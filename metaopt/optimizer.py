@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaopt import contiguous, hessian, hessian_free, hyperparameters, plan, state
+from metaopt import contiguous, distributed, hessian, hessian_free, hyperparameters, plan, state
 from metaopt.granularity import BLOCKS, GRANULARITIES, Placement, node_weights
 from metaopt.kernels import KERNELS, Kernel
 from metaopt.rules import BASES, METAS, VARIANTS, Rule  # noqa: F401  (BASES, METAS, VARIANTS: imported from here by the tests and the harness)
@@ -195,6 +195,7 @@ class MetaOptimize(Optimizer):
         defaults = hyperparameters.defaults(driver, given, self.base_rule, self.meta_rule, self._base_name(), meta)
         hyperparameters.warn_if_lr_is_a_step_size(lr, "")
         self._placements: dict[int, Placement] = {}  # id(p) -> where its step sizes live
+        self._mesh_slots: dict[int, int] = {}  # blocks summed over a device mesh (metaopt.distributed)
         self._kernels: list[Kernel] = []  # per param group
         self._cached_plan: plan.Plan | None = None  # the last step's plan, see _plan
         self._checked_lrs: dict[int, Any] = {}  # param group -> its lr last checked (hyperparameters.check_lrs)
@@ -217,6 +218,14 @@ class MetaOptimize(Optimizer):
             self.param_groups.pop()
             raise
         self._placements = self._place()
+        try:
+            plain_only = ("kernel='triton'" if kernel.fused_update is not None
+                          else "storage='contiguous'" if self.storage == "contiguous" else None)
+            plan.check_layouts(self.param_groups, self._placements, self.approx.kind, self.skip_nonfinite, plain_only)
+        except ValueError:
+            self.param_groups.pop()
+            self._placements = self._place()
+            raise
         hyperparameters.check_shared_blocks(self._placements, self.param_groups, self.meta_rule,
                                             GRANULARITIES[self.granularity].shares, self.granularity)
         self._kernels.append(kernel)
@@ -250,13 +259,22 @@ class MetaOptimize(Optimizer):
         self._cached_plan, self._checked_lrs = None, {}
 
     def state_dict(self) -> dict[str, Any]:
+        """The torch state dict, with the configuration under ``"metaoptimize"``, at the top and in the first
+        param group: ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps only
+        ``state`` and ``param_groups``, so that is where a distributed checkpoint carries it."""
         state_dict = super().state_dict()
         state_dict["metaoptimize"] = self._configuration()
+        if state_dict["param_groups"]:
+            state_dict["param_groups"][0]["metaoptimize"] = state_dict["metaoptimize"]
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; the meta state keeps its float32 precision and moves to the params' device."""
-        saved = state_dict.get("metaoptimize")
+        """Load a :meth:`state_dict` (also one rebuilt by ``torch.distributed.checkpoint``); the meta state
+        keeps its float32 precision and moves to the params' device."""
+        saved_groups = state_dict.get("param_groups") or [{}]
+        saved = state_dict.get("metaoptimize", saved_groups[0].get("metaoptimize"))
+        state_dict = {**state_dict, "param_groups": [{k: v for k, v in group.items() if k != "metaoptimize"}
+                                                      for group in state_dict.get("param_groups", [])]}
         current = self._configuration()
         if saved is None:
             raise ValueError(
@@ -301,6 +319,7 @@ class MetaOptimize(Optimizer):
         for key, block in layout.items():
             owner = ("group", block.owner) if isinstance(block.owner, int) else id(block.owner)
             layout[key] = block._replace(number=numbers.setdefault(owner, len(numbers)))
+        self._mesh_slots = distributed.reduced_blocks(self.param_groups, layout, granularity.segment_kind in ("one", "tensor"))
         return layout
 
     def _owner_state(self, owner) -> dict[str, Any]:
@@ -419,6 +438,7 @@ class MetaOptimize(Optimizer):
             self.param_groups, self.state, self._placements, self._owner_state, granularity.segment_kind,
             (self._kernels[0].flat or self.storage == "contiguous") and not compiling, self.base_rule.moment_names,
             self.meta_rule.moment_names, always_flat=self.storage == "contiguous",
+            mesh=distributed.mesh_of(self.param_groups), slots=self._mesh_slots,
         )
         built = plan.build(context, groups, key, fresh, None if compiling else cached)
         if self.storage == "contiguous" and not compiling:
@@ -440,21 +460,25 @@ class MetaOptimize(Optimizer):
     # -- reading the step sizes -----------------------------------------------------------
 
     def step_size(self, p: Tensor) -> Tensor:
-        """The current step size ``lr * exp(beta)`` of ``p``, broadcastable to ``p`` (no host sync)."""
+        """The current step size ``lr * exp(beta)`` of ``p``, broadcastable to ``p`` (no host sync).
+        For a sharded ``DTensor`` parameter with ``nodewise`` or ``weightwise`` blocks, those of the whole
+        parameter, gathered from every rank: a collective, to be called on every rank."""
         block = self._placements[id(p)]
         owner_state = self._owner_state(block.owner)
+        view_shape = distributed.global_view_shape(block.view_shape, p)
         if "beta" in owner_state:
-            alpha = self.approx.sigma(owner_state["beta"]).view(block.view_shape)
+            alpha = self.approx.sigma(distributed.full(owner_state["beta"])).view(view_shape)
         else:  # before the block's first step; alpha0="auto" is estimated there: NaN until then
             alpha0 = self.param_groups[block.meta_group]["alpha0"]
             alpha0 = math.nan if alpha0 == "auto" else alpha0
-            alpha = torch.full(block.view_shape, alpha0, dtype=hyperparameters.meta_dtype(p.dtype), device=p.device)
+            alpha = torch.full(view_shape, alpha0, dtype=hyperparameters.meta_dtype(p.dtype), device=p.device)
         return self.param_groups[block.group]["lr"] * alpha
 
     def step_sizes(self) -> dict[str, float]:
         """Step sizes for logging: one entry per block for ``scalar``, ``param_group`` and
         ``layerwise``; ``/min``, ``/median``, ``/max`` per tensor for ``nodewise`` and
-        ``weightwise``. Reads the values back to the host once (call it when logging).
+        ``weightwise``. Reads the values back to the host once (call it when logging; on every rank
+        when those blocks are of sharded parameters, see :meth:`step_size`).
         """
         names, values = [], []
         seen: set[tuple] = set()

@@ -54,6 +54,8 @@ from typing import Any, Callable, Hashable, NamedTuple
 import torch
 from torch import Tensor
 
+from metaopt import distributed
+from metaopt.distributed import local
 from metaopt.granularity import Placement
 
 CPU_MAX_MEAN_NUMEL = 1 << 17
@@ -65,10 +67,10 @@ def pays_off(params: list[Tensor]) -> bool:
 
 
 def by_kind(params: list[Tensor]) -> list[list[Tensor]]:
-    """The parameters by (device, dtype), in their order."""
-    kinds: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    """The parameters by (device, dtype, sharded or not), in their order."""
+    kinds: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
     for p in params:
-        kinds.setdefault((p.device, p.dtype), []).append(p)
+        kinds.setdefault((p.device, p.dtype, distributed.is_sharded(p)), []).append(p)
     return list(kinds.values())
 
 
@@ -79,20 +81,22 @@ class TensorSegment:
     """Parameters of one param group with their own state tensors."""
 
     def __init__(self, group: int, params: list[Tensor], states: list[dict[str, Any]], placements: list[Placement],
-                 owners: list[dict[str, Any]], moment_names: tuple[str, ...]):
+                 owners: list[dict[str, Any]], moment_names: tuple[str, ...], reduces: bool):
         self.group = group
-        self.params = self.weights = params
-        self.traces = [s["trace"] for s in states]
-        self.moments = {name: [s[name] for s in states] for name in moment_names}
+        self.params = params
+        self.weights = [local(p) for p in params]
+        self.traces = [local(s["trace"]) for s in states]
+        self.moments = {name: [local(s[name]) for s in states] for name in moment_names}
         self.counters = self.steps = [s["step"] for s in states]
         self.view_shapes = [placement.view_shape for placement in placements]
         self.block_keys = [placement.number for placement in placements]
-        self.betas = [owner["beta"] for owner in owners]
+        self.partial = [reduces and distributed.is_sharded(p) for p in params]  # terms summed over the mesh
+        self.betas = [local(owner["beta"]) for owner in owners]
         # nodewise: (rows, 1, ..., 1) terms of a (rows,) beta
         self.term_shapes = [beta.shape if len(shape) != beta.dim() else None for shape, beta in zip(self.view_shapes, self.betas)]
 
     def gather(self) -> list[Tensor]:
-        return [p.grad for p in self.params]
+        return [local(p.grad) for p in self.params]
 
     def meta_grads(self, kernel, grads: list[Tensor]) -> list[Tensor]:
         terms = kernel.meta_grads(self.traces, grads, self.view_shapes)
@@ -112,6 +116,7 @@ class FlatSegment:
 
     group: int
     params: list[Tensor]
+    shards: list[Tensor]  # the parameters' local tensors (the parameters themselves unless DTensors)
     kind: str  # "one" (scalar, param_group: one step size), "tensor" (layerwise), "weight", "node"
     weights: list[Tensor]  # [the gathered weights]: the update runs on them, then they are scattered back
     weight_views: list[Tensor]
@@ -126,18 +131,19 @@ class FlatSegment:
     lengths: Tensor | None = None  # "tensor": each tensor's number of elements
     rows: Tensor | None = None  # "node": each element's row among the rows of all nodewise blocks
     meta: MetaSegment | None = None  # "tensor", "weight": its blocks, whose state it holds
+    partial: list[bool] = field(default_factory=lambda: [False])  # its terms are partial sums over the mesh
     block_keys: list[Hashable] = field(init=False)
 
     def __post_init__(self):
         self.block_keys = [self.block]
 
     def gather(self) -> list[Tensor]:
-        torch._foreach_copy_(self.grad_views, [p.grad for p in self.params])
-        torch._foreach_copy_(self.weight_views, self.params)
+        torch._foreach_copy_(self.grad_views, [local(p.grad) for p in self.params])
+        torch._foreach_copy_(self.weight_views, self.shards)
         return [self.grads]
 
     def scatter(self) -> None:
-        torch._foreach_copy_(self.params, self.weight_views)
+        torch._foreach_copy_(self.shards, self.weight_views)
 
     def meta_grads(self, kernel, grads: list[Tensor]) -> list[Tensor]:
         """The terms ``h * g`` summed over each block: one, each tensor's, each weight's, or each row's."""
@@ -186,6 +192,7 @@ class Plan(NamedTuple):
     segments: list
     meta_segments: list[MetaSegment]
     by_group: dict[int, tuple[Any, list]]  # each group's segments and key, kept when only other groups change
+    reduction: distributed.MeshReduction | None = None  # sums the partial meta-gradients over the mesh
 
 
 # -- flat buffers ------------------------------------------------------------------------------
@@ -194,7 +201,8 @@ class Plan(NamedTuple):
 def _pack(states: list[dict[str, Any]], key: str, values: list[Tensor], dtype: torch.dtype, *, copy: bool = True
           ) -> tuple[Tensor, list[Tensor]]:
     """A flat buffer holding ``values`` one after another (with ``copy``); with ``key``, each
-    ``state[key]`` becomes a view of it shaped as its old value. Returns the buffer and the views."""
+    ``state[key]`` becomes a view of it shaped as its old value (laid out as it: a ``DTensor`` stays one,
+    viewing the buffer). ``values`` are local tensors. Returns the buffer and the views."""
     buffer = torch.zeros(sum(value.numel() for value in values), dtype=dtype, device=values[0].device)
     views, offset = [], 0
     for value in values:
@@ -205,7 +213,7 @@ def _pack(states: list[dict[str, Any]], key: str, values: list[Tensor], dtype: t
         offset += value.numel()
     if key:
         for state, view in zip(states, views):
-            state[key] = view
+            state[key] = distributed.like(state[key], view)
     return buffer, views
 
 
@@ -220,24 +228,26 @@ def _equal(counters: list[Tensor], fresh: bool) -> bool:
 def _pack_meta(states: list[dict[str, Any]], meta_moment_names: tuple[str, ...]) -> tuple[dict[str, Tensor], Tensor]:
     """The blocks' beta and meta moments in flat buffers, and their counters."""
     dtype = states[0]["beta"].dtype
-    meta = {key: _pack(states, key, [s[key] for s in states], dtype)[0]
+    meta = {key: _pack(states, key, [local(s[key]) for s in states], dtype)[0]
             for key in ("beta", *(f"meta_{name}" for name in meta_moment_names))}
     return meta, _pack(states, "meta_step", [s["meta_step"] for s in states], dtype)[0]
 
 
 def _flat_segment(group: int, params: list[Tensor], states: list[dict[str, Any]], moment_names: tuple[str, ...], *,
-                  kind: str, beta: Tensor, block: Hashable, rows: Tensor | None = None) -> FlatSegment:
+                  kind: str, beta: Tensor, block: Hashable, rows: Tensor | None = None, partial: bool = False) -> FlatSegment:
     """Move the state of ``params`` into flat buffers (their counters must be equal)."""
     dtype = params[0].dtype
-    weights, weight_views = _pack(states, "", params, dtype)
-    grads, grad_views = _pack(states, "", params, dtype, copy=False)
-    buffers = {key: _pack(states, key, [s[key] for s in states], dtype)[0] for key in ("trace", *moment_names)}
+    shards = [local(p) for p in params]
+    weights, weight_views = _pack(states, "", shards, dtype)
+    grads, grad_views = _pack(states, "", shards, dtype, copy=False)
+    buffers = {key: _pack(states, key, [local(s[key]) for s in states], dtype)[0] for key in ("trace", *moment_names)}
     steps = _pack(states, "step", [s["step"] for s in states], states[0]["step"].dtype)[0]
-    lengths = torch.tensor([p.numel() for p in params], device=params[0].device) if kind == "tensor" else None
+    lengths = torch.tensor([p.numel() for p in shards], device=shards[0].device) if kind == "tensor" else None
     return FlatSegment(
-        group=group, params=params, kind=kind, weights=[weights], weight_views=weight_views, grads=grads,
+        group=group, params=params, shards=shards, kind=kind, weights=[weights], weight_views=weight_views, grads=grads,
         grad_views=grad_views, traces=[buffers["trace"]], moments={name: [buffers[name]] for name in moment_names},
-        counters=[steps], steps=[steps[0]], beta=beta, block=block, lengths=lengths, rows=rows,
+        counters=[steps], steps=[steps[0]], beta=local(beta), block=block, lengths=lengths, rows=rows,
+        partial=[partial],
     )
 
 
@@ -256,6 +266,8 @@ class Context(NamedTuple):
     moment_names: tuple[str, ...]
     meta_moment_names: tuple[str, ...]
     always_flat: bool = False  # flat buffers wherever the counters allow, also where copies would not pay off
+    mesh: Any = None  # the device mesh of the DTensor parameters, if any
+    slots: dict[int, int] = {}  # the blocks summed over the mesh: number -> slot (metaopt.distributed.reduced_blocks)
 
 
 def _group_segments(context: Context, index: int, params: list[Tensor], fresh: set[int]) -> list:
@@ -276,22 +288,29 @@ def _group_segments(context: Context, index: int, params: list[Tensor], fresh: s
         if own_meta:
             meta, meta_steps = _pack_meta(states, context.meta_moment_names)
             segment = _flat_segment(index, members, states, context.moment_names, kind=context.kind,
-                                    beta=meta["beta"], block=object())
+                                    beta=meta["beta"], block=object(), partial=_partial(context, members[0]))
             segment.meta = MetaSegment(index, [segment.block], [meta["beta"]],
                                        {name: [meta[f"meta_{name}"]] for name in context.meta_moment_names},
                                        [meta_steps], [meta_steps[0]])
         else:
             placement = placements[id(members[0])]
             segment = _flat_segment(index, members, states, context.moment_names, kind="one",
-                                    beta=context.owner_state(placement.owner)["beta"], block=placement.number)
+                                    beta=context.owner_state(placement.owner)["beta"], block=placement.number,
+                                    partial=_partial(context, members[0]))
         segments.append(segment)
     if not kinds:
         per_tensor = params
     if per_tensor:
         chosen = [placements[id(p)] for p in per_tensor]
         segments.append(TensorSegment(index, per_tensor, [state[p] for p in per_tensor], chosen,
-                                      [context.owner_state(placement.owner) for placement in chosen], context.moment_names))
+                                      [context.owner_state(placement.owner) for placement in chosen], context.moment_names,
+                                      bool(context.slots)))
     return segments
+
+
+def _partial(context: Context, p: Tensor) -> bool:
+    """Whether the meta-gradient terms of ``p``'s segment are partial sums, to be summed over the mesh."""
+    return bool(context.slots) and distributed.is_sharded(p)
 
 
 def _meta_segments(context: Context, segments: list) -> list[MetaSegment]:
@@ -309,8 +328,8 @@ def _meta_segments(context: Context, segments: list) -> list[MetaSegment]:
     for meta_group, owners in by_group.items():
         states = list(owners.values())
         steps = [s["meta_step"] for s in states]
-        own.append(MetaSegment(meta_group, list(owners), [s["beta"] for s in states],
-                               {name: [s[f"meta_{name}"] for s in states] for name in context.meta_moment_names},
+        own.append(MetaSegment(meta_group, list(owners), [local(s["beta"]) for s in states],
+                               {name: [local(s[f"meta_{name}"]) for s in states] for name in context.meta_moment_names},
                                steps, steps))
     return own
 
@@ -335,14 +354,14 @@ def _node_plan(context: Context, groups: list[tuple[int, list[Tensor]]], fresh: 
     offsets, start = {}, 0
     for owner, owner_state in zip(owners, owner_states):
         offsets[id(owner)] = start
-        start += owner_state["beta"].numel()
+        start += local(owner_state["beta"]).numel()
     meta, meta_steps = _pack_meta(owner_states, context.meta_moment_names)
     key = object()
 
     def rows(p: Tensor) -> Tensor:  # the rows of the block of each element of p, row-major
         placement = placements[id(p)]
-        owned = torch.arange(state[placement.owner]["beta"].numel(), device=p.device) + offsets[id(placement.owner)]
-        return owned.view(placement.view_shape).expand(p.shape).reshape(-1)
+        owned = torch.arange(local(state[placement.owner]["beta"]).numel(), device=p.device) + offsets[id(placement.owner)]
+        return owned.view(placement.view_shape).expand(local(p).shape).reshape(-1)
 
     segments = [_flat_segment(index, group_params, [state[p] for p in group_params], context.moment_names, kind="node",
                               beta=meta["beta"], block=key, rows=torch.cat([rows(p) for p in group_params]))
@@ -350,7 +369,7 @@ def _node_plan(context: Context, groups: list[tuple[int, list[Tensor]]], fresh: 
     meta_segments, row, block = [], 0, 0
     for meta_group in dict.fromkeys(placements[id(owner)].meta_group for owner in owners):
         mine = [s for owner, s in zip(owners, owner_states) if placements[id(owner)].meta_group == meta_group]
-        end = row + sum(s["beta"].numel() for s in mine)
+        end = row + sum(local(s["beta"]).numel() for s in mine)
         rows_of_group = slice(row, end)
         counters = meta_steps[block : block + len(mine)]
         meta_segments.append(MetaSegment(
@@ -368,7 +387,7 @@ def build(context: Context, groups: list[tuple[int, list[Tensor]]], key: Any, fr
     parameters did not change keeps its segments from ``previous``."""
     if context.flat and context.kind == "node":
         built = _node_plan(context, groups, all(id(p) in fresh for _, ps in groups for p in ps))
-        if built is not None:
+        if built is not None:  # nodewise blocks are rows, never split between ranks: nothing to reduce
             return Plan(key, built[0], built[1], {})
     by_group, segments = {}, []
     kept = previous.by_group if previous is not None and context.kind != "node" else {}
@@ -379,7 +398,14 @@ def build(context: Context, groups: list[tuple[int, list[Tensor]]], key: Any, fr
         else:
             by_group[index] = (group_key, _group_segments(context, index, params, fresh))
         segments += by_group[index][1]
-    return Plan(key, segments, _meta_segments(context, segments), by_group)
+    reduced = {}  # the keys of the partial sums -> the numbers of the blocks of their entries
+    for segment in segments:
+        for block, partial in zip(segment.block_keys, segment.partial):
+            if partial:
+                tensors = isinstance(segment, FlatSegment) and segment.kind == "tensor"
+                reduced[block] = [context.placements[id(p)].number for p in segment.params] if tensors else [block]
+    reduction = distributed.reduction(context.mesh, context.slots, reduced, context.param_groups)
+    return Plan(key, segments, _meta_segments(context, segments), by_group, reduction)
 
 
 # -- what a step cannot take ---------------------------------------------------------------------
@@ -400,6 +426,47 @@ def check_params(group: dict[str, Any], index: int) -> None:
                 "sizes for real weights. Optimize its real and imaginary parts as a real parameter instead, "
                 "e.g. nn.Parameter(torch.view_as_real(z)) with torch.view_as_complex(...) in the forward pass"
             )
+
+
+def check_layouts(param_groups: list[dict[str, Any]], placements: dict[int, Placement], approx_kind: str,
+                  skip_nonfinite: bool, plain_only: str | None = None) -> None:
+    """ValueError, naming the parameter and the fix, for a ``DTensor`` parameter the step cannot take:
+    a mesh of more than one dimension or another mesh than the other parameters', a placement other
+    than ``Shard(0)`` or ``Replicate()``, a bias sharded otherwise than its weight's rows (nodewise), and
+    the options that need whole tensors (approx ``"l"`` / ``"2x2"``, ``skip_nonfinite``) or plain ones
+    (``plain_only``: ``"kernel='triton'"``, ``"storage='contiguous'"``)."""
+    meshes = []
+    for index, group in enumerate(param_groups):
+        for position, p in enumerate(group["params"]):
+            name = _name(group, index, position)
+            owner = placements[id(p)].owner
+            laid_out_as_owner = getattr(owner, "placements", None) == getattr(p, "placements", None)
+            if isinstance(owner, Tensor) and owner is not p and not laid_out_as_owner:
+                raise ValueError(f"parameter {name} takes the step sizes of its weight's rows (blocks='nodewise') but is "
+                                 "laid out otherwise than that weight: shard both along dim 0 on the same mesh")
+            if not distributed.is_dtensor(p):
+                continue
+            from torch.distributed.tensor import Replicate, Shard
+
+            if approx_kind != "hessian_free":
+                raise ValueError(f"parameter {name} is a DTensor: approx={approx_kind!r} keeps Hessian-vector products "
+                                 "of whole tensors; use approx='hessian_free' (the default) with fully_shard")
+            if plain_only is not None:
+                raise ValueError(f"parameter {name} is a DTensor: {plain_only} takes plain tensors only; use "
+                                 "kernel='flat' and storage='separate' (the defaults) with fully_shard")
+            if skip_nonfinite:
+                raise ValueError(f"parameter {name} is a DTensor: skip_nonfinite=True is not implemented for sharded "
+                                 "parameters; leave it False and let the trainer stop on a non-finite loss")
+            if p.device_mesh.ndim != 1:
+                raise ValueError(f"parameter {name} lives on a {p.device_mesh.ndim}-D device mesh: MetaOptimize takes "
+                                 "1-D meshes (fully_shard(module, mesh=init_device_mesh(device, (world_size,))))")
+            if any(not isinstance(pl, Replicate) and pl != Shard(0) for pl in p.placements):
+                raise ValueError(f"parameter {name} has placements {p.placements}: MetaOptimize takes Shard(0) "
+                                 "(fully_shard's default) or Replicate(); shard dim 0, or redistribute it")
+            if meshes and p.device_mesh != meshes[0]:
+                raise ValueError(f"parameter {name} is on mesh {p.device_mesh}, the others on {meshes[0]}: one "
+                                 "MetaOptimize takes parameters of one device mesh; build one optimizer per mesh")
+            meshes.append(p.device_mesh)
 
 
 def signature(groups: list[tuple[int, list[Tensor]]]) -> list:

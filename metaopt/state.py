@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from metaopt import hyperparameters
+from metaopt import distributed, hyperparameters
 
 
 def is_meta_key(key: str) -> bool:
@@ -33,16 +33,22 @@ def init_param(p: Tensor, state: dict[str, Any], trace_columns: int, moment_name
 
 
 def init_block(owner_state: dict[str, Any], shape: tuple[int, ...], alpha0: float | Tensor, like: Tensor, approx,
-               meta_moment_names: tuple[str, ...]) -> None:
+               meta_moment_names: tuple[str, ...], layout: Tensor | None = None) -> None:
+    """A block's state of ``shape`` (a local shard's view shape); with ``layout``, the parameter whose
+    rows the block's entries are, laid out as it is (a ``DTensor`` for a sharded one)."""
     dtype = hyperparameters.meta_dtype(like.dtype)
+
+    def laid_out(value: Tensor) -> Tensor:
+        return distributed.like(layout, value) if layout is not None and shape else value
+
     if isinstance(alpha0, Tensor):  # estimated by alpha0="auto", on the device
         beta = approx.initial_beta(alpha0.to(device=like.device, dtype=dtype))
-        owner_state["beta"] = beta.expand(shape).clone()
+        owner_state["beta"] = laid_out(beta.expand(shape).clone())
     else:
-        owner_state["beta"] = torch.full(shape, approx.initial_beta(alpha0), dtype=dtype, device=like.device)
+        owner_state["beta"] = laid_out(torch.full(shape, approx.initial_beta(alpha0), dtype=dtype, device=like.device))
     owner_state["meta_step"] = torch.zeros((), dtype=dtype, device=like.device)
     for name in meta_moment_names:
-        owner_state[f"meta_{name}"] = torch.zeros(shape, dtype=dtype, device=like.device)
+        owner_state[f"meta_{name}"] = laid_out(torch.zeros(shape, dtype=dtype, device=like.device))
 
 
 def init_states(params: list[Tensor], state, placements, param_groups: list[dict[str, Any]],
@@ -62,8 +68,9 @@ def init_states(params: list[Tensor], state, placements, param_groups: list[dict
                 group_params = [q for q in params if placements[id(q)].group == placement.group]
                 auto[placement.group] = auto_alpha0(group_params, param_groups[placement.group], base_rule)
             alpha0 = auto[placement.group]
-        shape = () if isinstance(placement.owner, int) else placements[id(placement.owner)].view_shape
-        init_block(owner, shape, alpha0, p, approx, meta_rule.moment_names)
+        layout = None if isinstance(placement.owner, int) else placement.owner
+        shape = () if layout is None else placements[id(layout)].view_shape
+        init_block(owner, shape, alpha0, p, approx, meta_rule.moment_names, layout)
 
 
 def auto_alpha0(params: list[Tensor], group: dict[str, Any], base_rule) -> Tensor:
@@ -77,15 +84,19 @@ def auto_alpha0(params: list[Tensor], group: dict[str, Any], base_rule) -> Tenso
     if not with_grads:
         return torch.tensor(hyperparameters.AUTO_ALPHA0_FLOOR)
     dtype = hyperparameters.meta_dtype(with_grads[0].dtype)
-    squares = torch.zeros(3, dtype=dtype, device=with_grads[0].device)  # |w|^2, |d|^2, |g|^2
+    # |w|^2, |d|^2, |g|^2 of the whole parameters, and of sharded parameters' local shards (summed over the mesh)
+    squares = torch.zeros(2, 3, dtype=dtype, device=distributed.local(with_grads[0]).device)
     hp = {key: group[key] for key in base_rule.hyperparameters}
     for p in with_grads:
-        g = p.grad.to(dtype)
+        g = distributed.local(p.grad).to(dtype)
         moments = {name: torch.zeros_like(g) for name in base_rule.moment_names}
         d, _ = base_rule.direction(g, moments, hp, torch.ones((), dtype=dtype, device=g.device))
-        norms = torch.stack([p.to(dtype).square().sum(), d.square().sum(), g.square().sum()])
-        squares += norms.to(squares.device)
-    norm_w, norm_d, norm_g = squares.sqrt().unbind()
+        norms = torch.stack([distributed.local(p).to(dtype).square().sum(), d.square().sum(), g.square().sum()])
+        squares[int(distributed.is_sharded(p))] += norms.to(squares.device)
+    sharded = [p for p in with_grads if distributed.is_sharded(p)]
+    if sharded:  # the first step of a group with sharded parameters: one more all-reduce
+        torch.distributed.all_reduce(squares[1], group=sharded[0].device_mesh.get_group())
+    norm_w, norm_d, norm_g = squares.sum(0).sqrt().unbind()
     norm_d = torch.where(norm_d > 0, norm_d, norm_g)
     alpha0 = torch.where(norm_d > 0, hyperparameters.AUTO_FIRST_MOVE * norm_w / norm_d, 0.0).nan_to_num(0.0, 0.0, 0.0)
     return alpha0.clamp(hyperparameters.AUTO_ALPHA0_FLOOR, hyperparameters.ALPHA0_RANGE[1])

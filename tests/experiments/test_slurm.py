@@ -1,7 +1,8 @@
 """The SLURM path. Fast: what the launcher asks for at each scale. On a real cluster (slow
 tier): the smoke sweep of Fig. 1 through `make ... LAUNCHER=slurm` with the committed defaults, a
 run stopped by `scontrol requeue` and by its time limit that resumes where it stopped and ends as
-the uninterrupted run, a 2-task DDP job through the launcher against one process, and
+the uninterrupted run, a 2-task DDP job through the launcher against one process, a 2-task sharded
+(FSDP2) job requeued and resumed against the same run under torchrun, and
 slurm/run.sbatch stopped by SIGUSR1, requeued and resumed, its log kept.
 
 The slow tests need a cluster that answers `sinfo`; `sudo bash slurm/local-cluster/up.sh` starts a
@@ -254,6 +255,42 @@ def test_two_task_ddp_job_through_the_launcher_matches_one_process(tmp_path):
     a, b = (checkpoint.load(str(folder / "checkpoint.pt"))["model"] for folder in (ddp_folder, single_folder))
     for name in b:
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.slow
+@pytest.mark.usefixtures("cluster")
+def test_two_task_sharded_job_requeued_resumes_as_an_uninterrupted_torchrun(tmp_path):
+    """trainer.strategy=fsdp in a 2-task job (FSDP2 over gloo): stopped by `scontrol requeue`, checkpointed
+    in torch.distributed.checkpoint format, requeued, resumed; every metric equal to the same run under torchrun."""
+    train = ["optimizer=metaopt_adamw_adam", "optimizer.alpha0=1e-3", "optimizer.blocks=layerwise",
+             "trainer.strategy=fsdp", "trainer.max_steps=2000", "trainer.log_every=20", "trainer.eval_every=500",
+             "trainer.checkpoint_every=1000"]
+    log = tmp_path / "sweep.log"
+    process = sweep(tmp_path / "runs", *train, "hydra.launcher.tasks_per_node=2", log=log)
+    try:
+        meta_when(tmp_path / "runs", lambda m: m["status"] == "running", 300, log, process)
+        logged(tmp_path / "runs", 200, 300, log)
+        subprocess.run(["scontrol", "requeue", job_folder(tmp_path / "runs").name], check=True)
+        stopped = meta_when(tmp_path / "runs", lambda m: m["status"] == "preempted", 120, log, process)
+        assert stopped["signal"] == "SIGTERM" and stopped["step"] < 2000, stopped
+        resumed = meta_when(tmp_path / "runs", lambda m: m["status"] == "running" and m["resumed_at_step"], 600,
+                            log, process)
+        assert resumed["resumed_at_step"] == stopped["step"]
+        finish(process, log, timeout=900)
+    finally:
+        for folder in job_folders(tmp_path / "runs"):
+            subprocess.run(["scancel", folder.name], check=False)
+    reference = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+                                "experiments.train", f"run_root={tmp_path / 'reference'}", "trainer.device=cpu",
+                                "trainer.progress_bar=false", *train],
+                               cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    sharded = run_folder(tmp_path / "runs")
+    meta = json.loads((sharded / "meta.json").read_text())
+    assert (meta["status"], meta["world_size"], meta["resumed_at_step"]) == ("finished", 2, stopped["step"])
+    assert (sharded / "checkpoint-shards").is_dir()
+    assert computed_columns(read_metrics(sharded)) == computed_columns(read_metrics(run_folder(tmp_path / "reference")))
 
 
 @pytest.mark.slow
