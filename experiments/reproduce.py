@@ -1,4 +1,4 @@
-"""The paper's items: conf/experiment/<item>.yaml composed at a scale, and a run folder's key.
+"""The paper's items: conf/experiment/<item>.yaml composed at a scale.
 
 Each item lists its runs as named grids; experiments.sweeps expands them as the sweeper does.
 
@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from experiments.run_folder import register_resolvers
-from experiments.schema import run_key
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_resolvers()  # the configs composed here and by their users name run folders (conf/hydra/default.yaml)
@@ -33,10 +32,3 @@ def compose_experiment(item: str, scale: str, overrides: list[str] | tuple[str, 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=[f"experiment={item}", f"scale={scale}", *overrides],
                        return_hydra_config=True)
-
-
-def run_dir_key(overrides_file: Path, swept: set[str]) -> str:
-    """A run folder's key (as Run.key) from the .hydra/overrides.yaml Hydra wrote there: its values
-    of the sweep's keys (swept, without the seed), whatever else its command line set (run_root=...)."""
-    overrides = [str(o).split("=", 1) for o in OmegaConf.load(overrides_file)]
-    return run_key({k: v for k, v in overrides if k in swept})

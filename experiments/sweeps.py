@@ -1,9 +1,10 @@
 """A sweep of named grids, as pure functions of its config: which runs it launches, in which phase,
 and which curve each run is.
 
-The sweeper (hydra_plugins/metaopt_grids_sweeper, Hydra's glue) launches these runs;
-scripts/collect_runs.py and scripts/make_figures.py expand them exactly as it does, so a figure
-knows every run it needs and names the one that is missing.
+The sweeper (hydra_plugins/metaopt_grids_sweeper, Hydra's glue) launches these runs and writes
+them down in the sweep's manifest, which scripts/collect_runs.py reads; scripts/make_figures.py
+expands them as the sweeper does, so a figure knows every run it needs and names the one that is
+missing.
 
     cfg = compose_experiment("fig1", "mini")      # experiments.reproduce
     for run in expected_runs(cfg): print(run.grid, run.arm, run.key)

@@ -3,97 +3,58 @@
     python scripts/collect_runs.py fig1 --scale mini     # after: make fig1 SCALE=mini
     python scripts/collect_runs.py fig1 run_root=/scratch/runs   # the sweep's own overrides, if any
 
-Reads the runs the experiment's sweep expects (experiments/reproduce.py) from their folders
-under run_root/<run_group>/, as the sweep's manifest (run_root/<run_group>/sweep-<digest>.json,
-written by the grids sweeper) names them, or, for a sweep run before manifests, as their
-.hydra/overrides.yaml name them; either way a folder counts only if its config.yaml is the
-configuration this sweep gives the run, and writes every metrics.csv row with the run's identity: its grid,
-arm, seed, every swept key, its status (meta.json) and the sweep's scale (the columns of
-experiments/schema.py). In a sweep tuned on one seed (hydra.sweeper.tune_seed), a tuned grid's
-other seeds are those of its best setting on that seed, chosen from the folders as the sweeper
-chose. A run the sweep expects but that has no folder yet is reported; scripts/make_figures.py
-refuses to plot without it.
+Reads the sweep's manifest (run_root/<run_group>/sweep-<digest of its overrides>.json, which the
+grids sweeper writes): its runs, their arms and folders, and, in a sweep tuned on one seed
+(hydra.sweeper.tune_seed), the setting each tuned grid's tuning chose for its other seeds; nothing is
+derived again here. A folder counts only if its config.yaml is the configuration this sweep gives the
+run. Writes every metrics.csv row with the run's identity: its grid, arm, seed, every swept key, its
+status (meta.json) and the sweep's scale (the columns of experiments/schema.py). A sweep without a
+manifest (or with a damaged one) is refused, naming the file; a run the manifest names but that has no
+folder yet is reported, and scripts/make_figures.py refuses to plot without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import functools
-import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from experiments.files import atomic_write, read_json
-from experiments.reproduce import ITEMS, SCALES, compose_experiment, run_dir_key
-from experiments.sweeps import Run, expected_runs, select
+from experiments.reproduce import ITEMS, SCALES, compose_experiment
+from experiments.sweeps import Run
 from experiments.run_folder import IDENTITY_SECTIONS, differences, manifest_path, read_run
-from experiments.schema import run_key, runs_columns, swept_keys, tuning_score
+from experiments.schema import run_key, runs_columns, swept_keys
 
 
 def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, list[str]]:
-    """Write out_dir/runs.csv (atomically); returns (rows written, expected runs not found).
+    """Write out_dir/runs.csv (atomically); returns (rows written, the manifest's runs not found).
 
-    overrides: as given to the sweep (e.g. run_root=...), so that the same runs are found. A run
-    folder counts only if the configuration it recorded (its config.yaml) is the one this sweep
-    composes for that run, key for key (experiments.run_folder.identity): the folders of the same
-    sweep run with other overrides (ARGS=trainer.max_steps=...) or another conf/ are left out, and
-    the missing runs name them with the keys that differ.
+    overrides: as given to the sweep (e.g. run_root=...), so that its manifest is found. The runs,
+    their arms and folders, and the settings its tuning chose are the manifest's: nothing here
+    derives them again. A run folder counts only if the configuration it recorded (its config.yaml)
+    is the one this sweep composes for that run, key for key (experiments.run_folder.identity): the
+    folders of the same sweep run with other overrides or another conf/ are left out, and the
+    missing runs name them with the keys that differ.
     """
     cfg = compose_experiment(item, scale, overrides)
     group_dir = Path(cfg.run_root) / cfg.run_group
+    runs = manifest_runs(manifest_path(cfg.run_root, cfg.run_group, [f"experiment={item}", f"scale={scale}", *overrides]),
+                         f"make {item} SCALE={scale}" + (f" ARGS='{' '.join(overrides)}'" if overrides else ""))
     # the keys the sweep varies: the later runs of a sweep tuned on one seed vary none of their own
-    swept = swept_keys(run.values for run in expected_runs(cfg))
-    found = defaultdict(list)  # (run key, seed) -> run folders with those values of the swept keys
-    manifest = manifest_path(cfg.run_root, cfg.run_group, [f"experiment={item}", f"scale={scale}", *overrides])
-    if manifest.exists():  # the sweep's own record of its runs' folders (the grids sweeper writes it)
-        for entry in read_json(str(manifest), "run the sweep again to rewrite it")["runs"]:
-            if entry.get("folder"):
-                values = dict(o.split("=", 1) for o in entry["overrides"])
-                found[(run_key({k: v for k, v in values.items() if k in swept}), entry["seed"])].append(
-                    Path(cfg.run_root) / entry["folder"])
-    else:  # a sweep run before manifests: every folder of the run group, checked below
-        for overrides_file in sorted(group_dir.glob("**/.hydra/overrides.yaml")):
-            folder = overrides_file.parent.parent
-            found[(run_dir_key(overrides_file, set(swept)), str(recorded_seed(folder)))].append(folder)
-    mismatches: dict[tuple[str, str], list[str]] = {}
-
-    @functools.lru_cache(maxsize=None)
-    def folder_of(run: Run) -> Path | None:
-        """The run's folder: the one among its key's whose recorded configuration is this sweep's."""
-        candidates = found.get((run.key, run.values.get("seed", "0")), [])
-        if not candidates:
-            return None
-        expected = run_config(item, scale, overrides, run)
-        for folder in candidates:
-            recorded = recorded_config(folder)
-            changed = ["it recorded no config.yaml (it never started)"] if recorded is None else differences(recorded, expected)
-            if not changed:
-                return folder
-            mismatches.setdefault((run.key, run.values.get("seed", "0")), []).append(
-                f"{folder} holds another configuration (recorded -> this sweep's): {'; '.join(changed)}")
-        return None
-
-    def run_rows(run: Run) -> list[dict[str, str]]:
-        folder = folder_of(run)
-        return read_run(folder) if folder is not None else []
-
-    rule = select(cfg)  # the best setting on the tuning seed picks the later runs
+    swept = swept_keys(run.values for run, _ in runs)
     rows, missing, metric_columns = [], [], []
-    for run in expected_runs(cfg, lambda run: tuning_score(run_rows(run), **rule)):
+    for run, folder in runs:
         seed = run.values.get("seed", "0")
-        folder = folder_of(run)
-        logged = run_rows(run)
-        if not logged:
-            why = mismatches.get((run.key, seed))
-            missing.append(f"{run.key} seed={seed}" + (":\n    " + "\n    ".join(why) if why else ""))
+        why = None if folder is None else mismatch(folder, run_config(item, scale, overrides, run))
+        if folder is None or why:
+            missing.append(f"{run_key({k: run.values.get(k, '') for k in swept})} seed={seed}" + (f":\n    {folder} {why}" if why else ""))
             continue
         identity = {"item": item, "scale": scale, "grid": run.grid, "arm": run.arm,
                     "run": str(folder.relative_to(group_dir)), "seed": seed, **{k: run.values.get(k, "") for k in swept}}
-        for row in logged:
+        for row in read_run(folder):
             metric_columns += [k for k in row if k not in metric_columns and k != "status"]
             rows.append({**identity, **row})
 
@@ -104,6 +65,35 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
         writer.writeheader()
         writer.writerows(rows)
     return len(rows), missing
+
+
+def manifest_runs(path: Path, sweep_command: str) -> list[tuple[Run, Path | None]]:
+    """The runs a sweep's manifest names, in launch order, each with its folder (None: not launched yet):
+    every first-phase run, and a tuned grid's later runs once its tuning chose their setting."""
+    fix = f"run the sweep (`{sweep_command}`: finished runs are skipped) to write it"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the sweep's manifest names its runs; {fix}")
+    record = read_json(str(path), fix)
+    try:
+        entries, chosen, arguments = record["runs"], record["chosen"], set(record["arguments"])
+        # a run's own overrides: its grid's, without the command line's (experiment=, scale=, run_root=...)
+        runs = [(Run(entry["grid"], tuple(o for o in entry["overrides"] if o not in arguments), entry["arm"]),
+                 entry["folder"], entry) for entry in entries]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a sweep manifest ({type(error).__name__}: {error}); {fix}") from None
+    run_root = path.parent.parent
+    return [(run, None if folder is None else run_root / folder) for run, folder, entry in runs
+            if entry["phase"] == "first" or chosen.get(run.grid) == entry["setting"]]
+
+
+def mismatch(folder: Path, expected: dict) -> str | None:
+    """Why a run folder does not hold this sweep's run (the keys of its recorded configuration that
+    differ), or None when it does."""
+    recorded = recorded_config(folder)
+    if recorded is None:
+        return "recorded no config.yaml (it never started)"
+    changed = differences(recorded, expected)
+    return f"holds another configuration (recorded -> this sweep's): {'; '.join(changed)}" if changed else None
 
 
 def run_config(item: str, scale: str, overrides: list[str] | tuple[str, ...], run: Run) -> dict:
@@ -125,19 +115,6 @@ def recorded_config(folder: Path) -> dict | None:
         return OmegaConf.to_container(OmegaConf.load(path))
     except Exception as error:  # noqa: BLE001  (a damaged YAML fails in many ways)
         raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); rerun its run to rewrite it") from None
-
-
-def recorded_seed(folder: Path) -> object:
-    """The run's seed: meta.json's, else its config.yaml's (meta.json lost)."""
-    meta = folder / "meta.json"
-    if meta.exists():
-        try:
-            return json.loads(meta.read_text())["seed"]
-        except (ValueError, KeyError) as error:
-            raise ValueError(f"{meta} cannot be read ({type(error).__name__}: {error}): rerun the run's command "
-                             "to rewrite it (a finished run rebuilds it from its checkpoint)") from None
-    config = recorded_config(folder)
-    return None if config is None else config.get("seed")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -154,7 +154,7 @@ class GridsSweeper(BasicSweeper):
 class _Manifest:
     """The sweep written down (run_root/<run group>/sweep-<digest of its overrides>.json, atomically):
     every run of it (grid, arm, setting, overrides, seed, phase, folder once launched) and, once its tuning is over,
-    each tuned grid's chosen setting. scripts/collect_runs.py takes a sweep's run folders from it."""
+    each tuned grid's chosen setting. scripts/collect_runs.py takes a sweep's runs, their folders and the chosen settings from it."""
 
     def __init__(self, path: Path, arguments: Sequence[str], tune_seed: Optional[str],
                  first: Sequence[Tuple[str, List[str]]], later: Sequence[Tuple[str, List[str]]],

@@ -142,11 +142,15 @@ def test_collect_runs_takes_only_the_folders_of_its_own_sweep(tmp_path):
         assert max(int(row["step"]) for row in rows) == last_step
         assert all(("trainer.max_steps=6" in row["run"]) == (last_step == 6) for row in rows)
 
-    # a sweep whose folders are all another configuration's: every run missing, each naming the key
+    # a sweep never run (another override) has no manifest: refused, naming the file
+    with pytest.raises(FileNotFoundError, match="sweep-.*json does not exist"):
+        collect_runs.collect("fig2", "smoke", tmp_path / "other" / "fig2", [run_root, "trainer.log_every=1"])
+    # a folder whose recorded configuration is not this sweep's (conf/ changed since): missing, naming the key
+    config = tmp_path / "runs" / json.loads(manifests[0].read_text())["runs"][0]["folder"] / "config.yaml"
+    config.write_text(config.read_text().replace("log_every: 2", "log_every: 1"))
     count, missing = collect_runs.collect("fig2", "smoke", tmp_path / "other" / "fig2",
-                                          [run_root, "trainer.log_every=1"])
-    assert count == 0 and len(missing) == 5
-    assert all("holds another configuration" in line and "trainer.log_every: 2 -> 1" in line for line in missing)
+                                          [run_root, *json.loads(manifests[0].read_text())["arguments"][3:]])
+    assert len(missing) == 1 and "holds another configuration" in missing[0] and "trainer.log_every: 1 -> 2" in missing[0]
 
 
 # -- nothing mixed, torn or outside run_root -----------------------------------------------------------
