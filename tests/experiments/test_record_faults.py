@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from experiments.reproduce import ITEMS
-from experiments.run_folder import read_run
+from experiments.run_folder import manifest_path, read_run
 from experiments.trainer import train
 from tests.experiments.helpers import compose_train
 
@@ -64,18 +64,22 @@ def test_a_damaged_meta_json_of_an_unfinished_run_is_named_with_the_fix(tmp_path
 
 
 def test_collect_runs_stopped_by_a_full_disk_keeps_the_old_runs_csv(tmp_path):
-    """A file-size limit makes every write past 64 bytes fail as a full disk does (EFBIG for ENOSPC)."""
+    """A file-size limit makes every write past 16 bytes fail as a full disk does (EFBIG for ENOSPC)."""
     out = tmp_path / "results" / "fig2"
     out.mkdir(parents=True)
     old = (REPOSITORY / "results" / "fig2" / "runs.csv").read_bytes()
     (out / "runs.csv").write_bytes(old)
+    run_root = f"run_root={tmp_path / 'runs'}"  # a sweep of no runs: collect_runs writes runs.csv's header alone
+    manifest = manifest_path(str(tmp_path / "runs"), "fig2", ["experiment=fig2", "scale=smoke", run_root])
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"arguments": ["experiment=fig2", "scale=smoke", run_root], "chosen": {}, "runs": []}))
 
     def full_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
 
     done = subprocess.run([sys.executable, "scripts/collect_runs.py", "fig2", "--scale", "smoke", "--out", str(out),
-                           f"run_root={tmp_path / 'runs'}"], cwd=REPOSITORY, env=ENV, capture_output=True, text=True,
+                           run_root], cwd=REPOSITORY, env=ENV, capture_output=True, text=True,
                           preexec_fn=full_disk)
     assert done.returncode != 0 and "File too large" in done.stderr
     assert (out / "runs.csv").read_bytes() == old
