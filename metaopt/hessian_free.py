@@ -20,6 +20,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
+from metaopt import learned
 from metaopt.plan import Plan
 
 
@@ -48,25 +49,33 @@ def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rul
     """One Hessian-free step of every segment and meta segment of ``plan``; ``kernels``: each param group's."""
     terms: dict[Hashable, list[Tensor]] = {}
     memo: dict = {}
-    for segment in plan.segments:
+    for position, segment in enumerate(plan.segments):
         index = segment.group
         group, kernel = param_groups[index], kernels[index]
         grads = segment.gather()
-        for block, z in zip(segment.block_keys, segment.meta_grads(kernel, grads)):
-            terms.setdefault(block, []).append(z)
+        # learn=(...) beyond step sizes: the learned hyper-parameters' segments over the same parameters
+        learned_segments = plan.learned.segments[position] if plan.learned is not None else ()
+        for part in (segment, *learned_segments):
+            for block, z in zip(part.block_keys, part.meta_grads(kernel, grads)):
+                terms.setdefault(block, []).append(z)
         step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
         torch._foreach_add_(segment.counters, 1)
-        kernel.update(
-            segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,
-            rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
-            weight_decay=group["weight_decay"], gamma=group["gamma"],
-        )
+        hyperparameters = dict(rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
+                               weight_decay=group["weight_decay"], gamma=group["gamma"])
+        if learned_segments:
+            kernel.learned_update(segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,
+                                  learned.tensors(plan.learned, position, index, memo), **hyperparameters)
+        else:
+            kernel.update(segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,
+                          **hyperparameters)
         segment.scatter()
     # a block's terms are summed by one reduction
     sums = {block: zs[0] if len(zs) == 1 else torch.stack(zs).sum(0) for block, zs in terms.items()}
-    for meta in plan.meta_segments:
+    learned_meta_segments = plan.learned.meta_segments if plan.learned is not None else []
+    for meta in (*plan.meta_segments, *learned_meta_segments):
         group = param_groups[meta.group]
-        torch._foreach_add_(meta.counters, 1)
+        if meta.counters:  # a learned hyper-parameter's blocks are counted by their step sizes'
+            torch._foreach_add_(meta.counters, 1)
         kernels[meta.group].meta_update(
             meta.betas, meta.meta_grads(sums), meta.moments, meta.steps,
             rule=meta_rule, hp={key: group[f"meta_{key}"] for key in meta_rule.hyperparameters},

@@ -34,6 +34,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from metaopt import learned
+
 
 def _reference_meta_grads(traces, grads, view_shapes) -> list[Tensor]:
     """Each tensor's meta-gradient term ``h * g`` (the trace from before the step), summed to its block's view."""
@@ -156,6 +158,23 @@ class Kernel(NamedTuple):
     update: Callable  # (params, grads, traces, moments, steps, step_sizes, **hyper-parameters): base update and trace
     meta_update: Callable  # (betas, meta_grads, moments, steps, **hyper-parameters): the step sizes' update
     flat: bool = False  # keep the state in flat buffers (metaopt/plan.py) where that pays off
+    # update with learn=(...) beyond step sizes: base update, step-size trace and the learned ones' traces
+    learned_update: Callable = learned.fast_update
+
+
+def _compiled_learned_update() -> Callable:
+    """:func:`metaopt.learned.fast_update` compiled where its traces are hand-derived (the generic route,
+    :func:`torch.func.jvp`, stays eager)."""
+    compiled = _compiled(learned.fast_update)
+
+    def update(params, grads, traces, moments, steps, step_sizes, learned_tensors, *, rule, **hyperparameters):
+        if learned.has_hand_derived(rule, tuple(item.spec for item in learned_tensors)):
+            compiled(params, grads, traces, moments, steps, step_sizes, learned_tensors, rule=rule, **hyperparameters)
+        else:
+            learned.generic_update(params, grads, traces, moments, steps, step_sizes, learned_tensors, rule=rule,
+                                   **hyperparameters)
+
+    return update
 
 
 def _foreach() -> Kernel:
@@ -163,7 +182,8 @@ def _foreach() -> Kernel:
 
 
 KERNELS: dict[str, Callable[[], Kernel]] = {
-    "reference": lambda: Kernel(_reference_meta_grads, _reference_update, _reference_meta_update),
+    "reference": lambda: Kernel(_reference_meta_grads, _reference_update, _reference_meta_update,
+                                learned_update=learned.generic_update),
     "foreach": _foreach,
     # The foreach arithmetic on flat buffers (a layout, metaopt/plan.py): a number of ops per step that
     # does not depend on the number of tensors.
@@ -172,6 +192,7 @@ KERNELS: dict[str, Callable[[], Kernel]] = {
     # of their own anyway, and torch 2.14's CPU code generation fails on fusing row sums
     # (nodewise) with the update. Per tensor, not on flat buffers: on a CPU, where a step is
     # bound by memory, gathering into flat buffers costs more than the fused loops save.
-    "compiled": lambda: Kernel(_foreach_meta_grads, _compiled(_foreach_update), _compiled(_foreach_meta_update)),
+    "compiled": lambda: Kernel(_foreach_meta_grads, _compiled(_foreach_update), _compiled(_foreach_meta_update),
+                               learned_update=_compiled_learned_update()),
 }
 """Kernel name -> a function that makes the :class:`Kernel` of one param group."""

@@ -186,6 +186,7 @@ class Plan(NamedTuple):
     segments: list
     meta_segments: list[MetaSegment]
     by_group: dict[int, tuple[Any, list]]  # each group's segments and key, kept when only other groups change
+    learned: Any = None  # learn=(...) beyond step sizes: a metaopt.learned.LearnedPlan aligned with segments
 
 
 # -- flat buffers ------------------------------------------------------------------------------
