@@ -18,6 +18,8 @@ the scale recorded in the CSV) and stops, naming them, if a run is missing or un
   and peak memory against the baseline's (AdamW), one column pair per task;
 - for the drop-in benchmark (kind dropin, experiments/dropin.py), results/dropin/dropin.png and
   dropin.md: every arm's train loss and test metric at the horizons, and the MetaOptimize arms' goals.
+- for the beyond item (kind beyond, experiments/beyond.py), results/beyond/beyond.png and beyond.md:
+  the final metrics against the initial value of a learned hyper-parameter, learned and fixed, and its trajectories.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import dropin  # noqa: E402
+from experiments import beyond, dropin  # noqa: E402
 from experiments.reproduce import ITEMS, compose_experiment  # noqa: E402
 from experiments.sweeps import expected_runs, select, tune_seed  # noqa: E402
 from experiments.schema import (COSTS, PROGRESS, QUALITY, STEP_SIZE, final, is_step_size, run_key, score, steady_median,  # noqa: E402
@@ -342,8 +344,17 @@ def dropin_report(item: str, cfg, chosen, runs, out: Path) -> None:
     (out / f"{item}.md").write_text(text)
 
 
+def beyond_report(item: str, cfg, chosen, runs, out: Path) -> None:
+    """Hyper-parameters learned beyond the step size (experiments/beyond.py): <item>.png and <item>.md."""
+    sweeps = beyond.report(cfg, runs, chosen)
+    scale = scale_label(item, cfg, runs)
+    beyond.plot(cfg.figure.title, scale, sweeps, out / f"{item}.png")
+    (out / f"{item}.md").write_text(beyond.markdown(cfg.figure.title, scale, sweeps))
+
+
 # figure.kind -> the function that draws it (kind table writes markdown instead: table())
-RENDERERS = {"curves": plot, "step_sizes": plot, "sensitivity": sensitivity_plot, "dropin": dropin_report}
+RENDERERS = {"curves": plot, "step_sizes": plot, "sensitivity": sensitivity_plot, "dropin": dropin_report,
+             "beyond": beyond_report}
 
 
 def build(item: str, results: Path) -> Path:
