@@ -10,7 +10,10 @@ One step over a :class:`metaopt.plan.Plan`, with :math:`g` in ``p.grad`` and the
    blocks' :math:`\beta` with their summed terms.
 
 The arithmetic is the kernel's (:mod:`metaopt.kernels`), where the state lives the plan's
-(:mod:`metaopt.plan`). Nothing is read back to the host.
+(:mod:`metaopt.plan`). Nothing is read back to the host. With ``learn=(...)`` beyond the step size
+(:mod:`metaopt.learned`) the plan carries each learned hyper-parameter's segments over the same
+parameters: their terms join step 1's, the kernel's ``learned_update`` does step 2 for all of them
+at once, and their meta segments follow the step sizes' in step 3.
 """
 
 from __future__ import annotations

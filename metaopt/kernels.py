@@ -23,7 +23,10 @@ sizes of a list of blocks). Four kernels:
   trace and gradient. The first step compiles (4-13 s for ResNet-18 on a 2-core CPU);
   later steps are the fastest.
 
-Every kernel reads ``step_sizes`` as tensors and nothing back to the host.
+Every kernel reads ``step_sizes`` as tensors and nothing back to the host. With hyper-parameters learned
+beyond the step size, a kernel's ``learned_update`` does the base update and every trace
+(:mod:`metaopt.learned`): forward-mode differentiation of the rule for ``reference``, the hand-derived
+traces for the others (compiled for ``compiled``).
 """
 
 from __future__ import annotations
