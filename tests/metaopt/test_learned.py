@@ -295,11 +295,11 @@ def test_learning_the_step_size_alone_is_todays_optimizer_bit_for_bit(base, meta
     assert optimizer.meta_parameters() == optimizer.step_sizes() == optimizer_learn.meta_parameters()
 
 
-def fast_and_generic(base, learn, blocks, kernel, variant="standard", steps=12):
+def fast_and_generic(base, learn, blocks, kernel, variant="standard", steps=12, meta="adam"):
     runs = []
     for k in ("reference", kernel):
         params = [nn.Parameter(w) for w in initial_weights()]
-        optimizer = MetaOptimize([{"params": params, "param_names": NAMES}], base=base, blocks=blocks, kernel=k,
+        optimizer = MetaOptimize([{"params": params, "param_names": NAMES}], base=base, meta=meta, blocks=blocks, kernel=k,
                                  variant=variant, learn=("step_size", *learn), alpha0=ALPHA0[base],
                                  **BASE_HP[base])
         train(params, optimizer, steps)
@@ -324,6 +324,16 @@ def test_the_released_variant_learns_through_the_generic_route(base):
     (params, optimizer), (fast_params, fast) = fast_and_generic(base, LEARNABLE[base], "scalar", "flat", "released")
     assert fast.meta_parameters() == pytest.approx(optimizer.meta_parameters(), rel=1e-10)
     assert all(value == value for value in fast.meta_parameters().values())
+
+
+@pytest.mark.parametrize("meta", METAS)
+def test_every_meta_rule_learns_the_hyper_parameters(meta):
+    (params, optimizer), (fast_params, fast) = fast_and_generic("sgdm", LEARNABLE["sgdm"], "layerwise", "foreach",
+                                                                meta=meta)
+    assert fast.meta_parameters() == pytest.approx(optimizer.meta_parameters(), rel=1e-10)
+    moved = fast.meta_parameters()
+    assert moved["momentum/l1.weight"] != pytest.approx(0.9, rel=1e-9) and moved["weight_decay/l2.bias"] != pytest.approx(0.1, rel=1e-9)
+    assert fast.state[fast_params[0]]["meta_step"] == 12
 
 
 @pytest.mark.slow
