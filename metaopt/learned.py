@@ -50,7 +50,12 @@ class Learned(NamedTuple):
     moments: tuple[str, ...]  # the base moments it enters directly, each with a trace of its own
 
     def value(self, b: Tensor) -> Tensor:
-        return torch.exp(b) if self.parametrisation == "log" else torch.sigmoid(b)
+        """``exp(b)``, or ``sigmoid(b)`` kept one rounding step inside (0, 1): a saturated sigmoid would be
+        exactly 1 in float32 past b = 17, and a momentum or normaliser of 1 divides its bias correction by 0."""
+        if self.parametrisation == "log":
+            return torch.exp(b)
+        eps = torch.finfo(b.dtype).eps
+        return torch.sigmoid(b).clamp(eps, 1 - eps)
 
     def initial_b(self, value: float) -> float:
         return math.log(value) if self.parametrisation == "log" else math.log(value / (1 - value))

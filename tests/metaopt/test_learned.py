@@ -429,3 +429,18 @@ def test_a_param_group_without_weight_decay_is_refused_when_it_is_learned():
     groups = [{"params": [nn.Parameter(torch.zeros(3))]}, {"params": [nn.Parameter(torch.zeros(3))], "weight_decay": 0.0}]
     with pytest.raises(ValueError, match="weight_decay of param group 1 must be > 0"):
         MetaOptimize(groups, base="adamw", learn=("step_size", "weight_decay"))
+
+
+def test_a_momentum_driven_to_1_in_float32_stays_below_it():
+    """A saturated sigmoid rounds to 1 in float32; AdamW's bias correction 1 - rho^t would then be 0."""
+    model = nn.Linear(4, 2)
+    optimizer = MetaOptimize(model.parameters(), "adamw", learn=("step_size", "momentum"), alpha0=1e-3)
+    model(torch.randn(8, 4)).square().mean().backward()
+    optimizer.step()
+    optimizer.param_groups[0]["beta_momentum"].fill_(30.0)  # sigmoid(30) is 1.0 in float32
+    for _ in range(3):
+        optimizer.step()
+    assert 0 < 1 - optimizer.meta_parameter(model.weight, "momentum").item() <= 2 * torch.finfo(torch.float32).eps
+    assert all(p.isfinite().all() for p in model.parameters())
+    assert all(value.isfinite().all() for value in optimizer.state[model.weight].values())
+
