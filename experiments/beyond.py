@@ -68,7 +68,8 @@ def report(cfg: Any, runs: Sequence[tuple[Any, list]], chosen: Mapping[str, tupl
     """Every ``figure.sweeps`` entry with its learned and fixed points and its tuned fixed setting."""
     sweeps = []
     for entry in cfg.figure.sweeps:
-        label, seeds = chosen[entry.fixed]
+        label, seeds = chosen[entry.fixed]  # "<grid> (weight_decay=0.001, tuned)"
+        label = label.split(" (", 1)[-1].removesuffix(")")
         tuned = Point(math.nan, [final(rows, TRAIN) for rows in seeds], [final(rows, TEST) for rows in seeds])
         sweeps.append(Sweep(entry.title, entry.key, entry.column, "logit" if entry.column in ("momentum", "normalizer")
                             else "log", _points(runs, entry.learned, entry.key, entry.column),
@@ -159,7 +160,7 @@ def plot(title: str, scale: str, sweeps: Sequence[Sweep], path: Path) -> None:
             ax.grid(alpha=0.3)
         axes[0][col].set_yscale("log")
         axes[0][col].set_title(sweep.title, fontsize=9)
-        axes[0][col].legend(fontsize=7)
+        axes[0][col].legend(fontsize=6, loc="best")
         ax = axes[2][col]
         for index, point in enumerate(sweep.learned):
             per_seed = [{int(r["step"]): float(r[sweep.column]) for r in rows if r.get(sweep.column, "") not in ("", "nan")}

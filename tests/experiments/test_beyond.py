@@ -51,13 +51,14 @@ def test_the_report_pairs_each_initial_value_learned_and_fixed_and_marks_a_diver
     runs = [(Run(entry.learned, (f"{entry.key}=0.01", f"seed={seed}"), "a"), rows(0.5 + seed, 1e-3)) for seed in (0, 1)]
     runs += [(Run(entry.learned, (f"{entry.key}=1", "seed=0"), "b"), rows(math.nan, math.nan, "failed"))]
     runs += [(Run(entry.fixed, (f"{entry.key}=0.01", "seed=0"), entry.fixed), rows(0.7, 0.01))]
-    chosen = {sweep.fixed: ("kappa=0.01, tuned", [rows(0.7, 0.01)]) for sweep in cfg.figure.sweeps}
+    chosen = {sweep.fixed: (f"{sweep.fixed} (weight_decay=0.01, tuned)", [rows(0.7, 0.01)]) for sweep in cfg.figure.sweeps}
     cfg.figure.sweeps = [entry]
     (sweep,) = beyond.report(cfg, runs, chosen)
     assert [point.value for point in sweep.learned] == [0.01, 1.0]
     assert sweep.learned[0].losses == [0.5, 1.5] and sweep.learned[0].learned == [1e-3, 1e-3]
     text = beyond.markdown("title", "smoke scale", [sweep])
     assert "| 0.01 | 1 ± 0.7 | 0.8 ± 0 | 0.001 | 0.7 | 0.8 |" in text and "| 1 | diverged |" in text
+    assert "Tuned fixed (weight_decay=0.01, tuned): train loss 0.7" in text
     beyond.plot("title", "smoke scale", [sweep], tmp_path / "beyond.png")
     assert (tmp_path / "beyond.png").stat().st_size > 10_000
 
