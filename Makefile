@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test test-all bench-digits continual bench
+.PHONY: help install run test test-all test-library bench-digits continual bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -51,6 +51,10 @@ test: $(STAMP)  ## the fast tests (no GPU, no network, no W&B account)
 
 test-all: $(STAMP)  ## every test, the slow ones too
 	$(PY) -m pytest -q -m ""
+
+# no .venv: its own venv in /tmp with torch and pytest alone, and a copy of metaopt/ and tests/metaopt/
+test-library:  ## the library's fast tests (tests/metaopt/) without the harness: a fresh venv with torch alone (~7-9 min)
+	bash scripts/test_library_alone.sh
 
 # -- the paper's figures (conf/experiment/<item>.yaml; results/README.md) ----------------------------
 # make fig1 ... fig8, table1 [SCALE=full|mini|smoke] [LAUNCHER=local|slurm|basic]: run the item's sweep (finished runs

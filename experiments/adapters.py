@@ -168,7 +168,7 @@ class OptimizerAdapter(Adapter):
         return optimizer(groups)
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()  # MetaOptimize(storage='contiguous') zeroes its gradient buffers in place, others set None
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -71,7 +71,7 @@ class Setting:
         return text + (", or null" if self.nullable else "")
 
 
-# conf/trainer/default.yaml, key by key (tests/test_validation.py keeps the two in step)
+# conf/trainer/default.yaml, key by key (tests/experiments/test_validation.py keeps the two in step)
 TRAINER = {
     "max_steps": Setting("int", low=1, nullable=True, meaning="optimizer steps; null when trainer.epochs is set"),
     "epochs": Setting("int", low=1, nullable=True, meaning="replaces max_steps when set"),

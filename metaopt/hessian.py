@@ -22,7 +22,7 @@ and ``Hess`` the Hessian of this step's loss::
 The last term is the block dy/dx of G; the L-approximation (eq. 16-17) drops it, the 2x2
 approximation keeps it. Both drop Q, the trace of the trace (the last row and column of G):
 its update needs third derivatives of the loss. With ``gamma = 1`` and ``meta_lr = 0`` nothing
-is dropped and ``H_t`` is exactly ``d w_t / d beta`` of the training run (tests/test_exactness.py).
+is dropped and ``H_t`` is exactly ``d w_t / d beta`` of the training run (tests/metaopt/test_exactness.py).
 
 Every product ``dF/d(.) @ tangent`` is computed by automatic differentiation of ``F`` and ``M``
 written as pure functions of the rules' ``direction`` (:mod:`metaopt.rules`): nothing is derived

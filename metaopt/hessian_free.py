@@ -10,7 +10,9 @@ One step over a :class:`metaopt.plan.Plan`, with :math:`g` in ``p.grad`` and the
    blocks' :math:`\beta` with their summed terms.
 
 The arithmetic is the kernel's (:mod:`metaopt.kernels`), where the state lives the plan's
-(:mod:`metaopt.plan`). Nothing is read back to the host. With ``learn=(...)`` beyond the step size
+(:mod:`metaopt.plan`). A kernel with a ``fused_update`` (``triton``) does steps 1 and 2 of a flat
+segment in one pass and leaves its terms as partial sums, which its ``meta_update`` reduces in step 3.
+Nothing is read back to the host. With ``learn=(...)`` beyond the step size
 (:mod:`metaopt.learned`) the plan carries each learned hyper-parameter's segments over the same
 parameters: their terms join step 1's, the kernel's ``learned_update`` does step 2 for all of them
 at once, and their meta segments follow the step sizes' in step 3.
@@ -24,7 +26,8 @@ import torch
 from torch import Tensor
 
 from metaopt import learned
-from metaopt.plan import Plan
+from metaopt.kernels import DeferredTerms
+from metaopt.plan import FlatSegment, Plan
 
 
 def _lr_exp(lr: float | Tensor, beta: Tensor) -> Tensor:
@@ -48,32 +51,44 @@ def _memoized_alphas(lr: float | Tensor, index: int, memo: dict) -> Callable[[Ha
     return of
 
 
+def _summed(zs: list) -> Tensor | DeferredTerms:
+    """A block's terms summed by one reduction (a fused kernel's partial sums reduced first)."""
+    if len(zs) == 1:
+        return zs[0]
+    return torch.stack([z.reduced() if isinstance(z, DeferredTerms) else z for z in zs]).sum(0)
+
+
 def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rule, meta_rule) -> None:
     """One Hessian-free step of every segment and meta segment of ``plan``; ``kernels``: each param group's."""
-    terms: dict[Hashable, list[Tensor]] = {}
+    terms: dict[Hashable, list] = {}
     memo: dict = {}
     for position, segment in enumerate(plan.segments):
         index = segment.group
         group, kernel = param_groups[index], kernels[index]
         grads = segment.gather()
+        hp = dict(rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
+                  weight_decay=group["weight_decay"], gamma=group["gamma"])
         # learn=(...) beyond step sizes: the learned hyper-parameters' segments over the same parameters
         learned_segments = plan.learned.segments[position] if plan.learned is not None else ()
-        for part in (segment, *learned_segments):
-            for block, z in zip(part.block_keys, part.meta_grads(kernel, grads)):
-                terms.setdefault(block, []).append(z)
-        step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
-        torch._foreach_add_(segment.counters, 1)
-        hyperparameters = dict(rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
-                               weight_decay=group["weight_decay"], gamma=group["gamma"])
-        if learned_segments:
-            kernel.learned_update(segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,
-                                  learned.tensors(plan.learned, position, index, memo), **hyperparameters)
+        if kernel.fused_update is not None and isinstance(segment, FlatSegment):  # steps 1 and 2 in one pass
+            torch._foreach_add_(segment.counters, 1)
+            zs = kernel.fused_update(segment, grads, group["lr"], **hp)
         else:
-            kernel.update(segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes,
-                          **hyperparameters)
+            zs = segment.meta_grads(kernel, grads)
+            for part in learned_segments:
+                for block, z in zip(part.block_keys, part.meta_grads(kernel, grads)):
+                    terms.setdefault(block, []).append(z)
+            step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
+            torch._foreach_add_(segment.counters, 1)
+            if learned_segments:
+                kernel.learned_update(segment.weights, grads, segment.traces, segment.moments, segment.steps,
+                                      step_sizes, learned.tensors(plan.learned, position, index, memo), **hp)
+            else:
+                kernel.update(segment.weights, grads, segment.traces, segment.moments, segment.steps, step_sizes, **hp)
+        for block, z in zip(segment.block_keys, zs):
+            terms.setdefault(block, []).append(z)
         segment.scatter()
-    # a block's terms are summed by one reduction
-    sums = {block: zs[0] if len(zs) == 1 else torch.stack(zs).sum(0) for block, zs in terms.items()}
+    sums = {block: _summed(zs) for block, zs in terms.items()}
     learned_meta_segments = plan.learned.meta_segments if plan.learned is not None else []
     for meta in (*plan.meta_segments, *learned_meta_segments):
         group = param_groups[meta.group]

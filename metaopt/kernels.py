@@ -4,7 +4,7 @@ A :class:`Kernel` has three functions, which :func:`metaopt.hessian_free.step` c
 segments of a plan (:mod:`metaopt.plan`), the step counters already counting this step:
 ``meta_grads`` (each tensor's meta-gradient term with the trace from before the step, summed to
 its block's view), ``update`` (the base update and the trace) and ``meta_update`` (the log step
-sizes of a list of blocks). Four kernels:
+sizes of a list of blocks). Five kernels:
 
 * ``reference``: one tensor at a time, reading as the equations of :class:`metaopt.MetaOptimize`.
   It is the source of truth that the tests hold the others to.
@@ -22,6 +22,8 @@ sizes of a list of blocks). Four kernels:
   the trace. The meta-gradient's dot products stay outside the graph, one more read of the
   trace and gradient. The first step compiles (4-13 s for ResNet-18 on a 2-core CPU);
   later steps are the fastest.
+* ``triton``: each flat segment's step in two Triton launches, one pass over its memory
+  (:mod:`metaopt.triton_kernel`); CUDA, or Triton's interpreter on a CPU.
 
 Every kernel reads ``step_sizes`` as tensors and nothing back to the host. With hyper-parameters learned
 beyond the step size, a kernel's ``learned_update`` does the base update and every trace
@@ -153,6 +155,18 @@ def _compiled(function: Callable) -> Callable:
     return torch.compile(copy, fullgraph=True, dynamic=False)
 
 
+class DeferredTerms:
+    """Meta-gradient terms that a fused kernel left unreduced (partial sums), which its ``meta_update``
+    reduces in the same launch as the update; :meth:`reduced` gives them as a tensor shaped as the
+    block's ``beta``, where they are summed with other terms or sliced first."""
+
+    def reduced(self) -> Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, index) -> Tensor:
+        return self.reduced()[index]
+
+
 class Kernel(NamedTuple):
     """The arithmetic of one kernel for one param group, on lists of tensors whose counters already
     count this step (:func:`metaopt.hessian_free.step` calls them)."""
@@ -161,6 +175,9 @@ class Kernel(NamedTuple):
     update: Callable  # (params, grads, traces, moments, steps, step_sizes, **hyper-parameters): base update and trace
     meta_update: Callable  # (betas, meta_grads, moments, steps, **hyper-parameters): the step sizes' update
     flat: bool = False  # keep the state in flat buffers (metaopt/plan.py) where that pays off
+    # (flat segment, grads, lr, **hyper-parameters) -> its terms: meta_grads and update of a flat segment in one pass
+    fused_update: Callable | None = None
+    check: Callable | None = None  # (params, base_rule, meta_rule): ValueError for what the kernel cannot run
     # update with learn=(...) beyond step sizes: base update, step-size trace and the learned ones' traces
     learned_update: Callable = learned.fast_update
 
@@ -180,6 +197,17 @@ def _compiled_learned_update() -> Callable:
     return update
 
 
+def _triton() -> Kernel:
+    """``kernel="triton"`` (:mod:`metaopt.triton_kernel`, imported here: it imports triton)."""
+    try:
+        from metaopt import triton_kernel
+    except ImportError as error:
+        raise ValueError(f"kernel='triton' needs the triton package ({error}): install it (CUDA wheels of torch "
+                         "ship it), or use kernel='flat'") from error
+    return _foreach()._replace(flat=True, fused_update=triton_kernel.fused_update,
+                               meta_update=triton_kernel.meta_update, check=triton_kernel.check)
+
+
 def _foreach() -> Kernel:
     return Kernel(_foreach_meta_grads, _foreach_update, _foreach_meta_update)
 
@@ -197,5 +225,8 @@ KERNELS: dict[str, Callable[[], Kernel]] = {
     # bound by memory, gathering into flat buffers costs more than the fused loops save.
     "compiled": lambda: Kernel(_foreach_meta_grads, _compiled(_foreach_update), _compiled(_foreach_meta_update),
                                learned_update=_compiled_learned_update()),
+    # Flat segments in two Triton launches (one pass over memory for the base update, trace and the partial
+    # sums of the meta-gradient; one for their reduction and the meta update); foreach for the rest.
+    "triton": _triton,
 }
 """Kernel name -> a function that makes the :class:`Kernel` of one param group."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaopt import hessian, hessian_free, hyperparameters, learned, plan, state
+from metaopt import contiguous, hessian, hessian_free, hyperparameters, learned, plan, state
 from metaopt.granularity import BLOCKS, GRANULARITIES, Placement, node_weights
 from metaopt.kernels import KERNELS, Kernel
 from metaopt.rules import BASES, METAS, VARIANTS, Rule  # noqa: F401  (BASES, METAS, VARIANTS: imported from here by the tests and the harness)
@@ -101,8 +101,16 @@ class MetaOptimize(Optimizer):
             ops on each tensor's own state), ``"compiled"`` (the
             ``foreach`` update compiled by ``torch.compile``, one graph per param group: the fastest
             steps on a CPU after a first step that compiles, 4-13 s for ResNet-18; needs a
-            working Inductor) or ``"reference"`` (one tensor at a time, the equations as written
+            working Inductor), ``"triton"`` (each flat segment's step in two Triton launches, one pass
+            over its memory: :mod:`metaopt.triton_kernel`; CUDA tensors, or a CPU under Triton's
+            interpreter) or ``"reference"`` (one tensor at a time, the equations as written
             above). See :mod:`metaopt.kernels`.
+        storage: ``"separate"`` (default: each parameter and gradient keeps its own tensor) or
+            ``"contiguous"``: at the first step each param group's parameters (per device and dtype)
+            become views of one flat buffer and their gradients views of one flat gradient buffer,
+            which ``backward`` accumulates into and :meth:`zero_grad` zeroes in place, so that the
+            step reads and writes them where they are, with no copies (:mod:`metaopt.contiguous`).
+            Every kernel then runs on the flat buffers, on a CPU too.
         approx: ``"hessian_free"`` (default; the step above), ``"l"`` or ``"2x2"`` (the trace
             keeps the Hessian term and the traces of the base moments: docs/algorithm.md, see
             :mod:`metaopt.hessian`; :meth:`step` then needs a closure that calls
@@ -171,6 +179,7 @@ class MetaOptimize(Optimizer):
         meta_eps: float | None = None,
         meta_weight_decay: float = 0.0,
         kernel: str = "flat",
+        storage: str = "separate",
         approx: str | hessian.Approximation = "hessian_free",
         skip_nonfinite: bool = False,
         learn: tuple[str, ...] = ("step_size",),
@@ -179,6 +188,8 @@ class MetaOptimize(Optimizer):
         self.base_rule, self.meta_rule = hyperparameters.rules_of(base, meta, variant)
         hyperparameters.check_choice("blocks", blocks, BLOCKS)
         hyperparameters.check_choice("kernel", kernel, KERNELS)
+        hyperparameters.check_choice("storage", storage, contiguous.STORAGES)
+        self.storage = storage
         self.base, self.meta, self.granularity, self.kernel, self.variant = base, meta, blocks, kernel, variant  # blocks= is the public name
         if skip_nonfinite and approx != "hessian_free":
             raise ValueError("skip_nonfinite=True is implemented for approx='hessian_free'; check the loss in your "
@@ -187,6 +198,10 @@ class MetaOptimize(Optimizer):
         self.approx = hessian.resolve(approx, blocks)
         self.learn = hyperparameters.check_learn(learn, self.base_rule, self._base_name(), self.approx.kind)
         self._learned = learned.specs(self.learn, self.base_rule)
+        if self._learned and (storage != "separate" or kernel == "triton"):
+            raise ValueError(f"learn={self.learn!r} keeps each tensor's state apart (metaopt.learned): use "
+                             f"storage='separate' and a kernel other than 'triton' (got storage={storage!r}, "
+                             f"kernel={kernel!r}), or learn=('step_size',)")
         known = [p for p in inspect.signature(MetaOptimize).parameters if p != "rule_hyperparameters"]
         hyperparameters.check_keywords(rule_hyperparameters, self.base_rule, known)
         given = {
@@ -214,16 +229,19 @@ class MetaOptimize(Optimizer):
                                           self._base_name(), self.meta)
         hyperparameters.check_learned_values(param_group, self.learn, self.base_rule, f" of param group {index}")
         super().add_param_group(param_group)
+        kernel = KERNELS[self.kernel]()
         try:
             plan.check_params(self.param_groups[-1], index)
-        except TypeError:
+            if kernel.check is not None:
+                kernel.check(self.param_groups[-1]["params"], self.base_rule, self.meta_rule)
+        except (TypeError, ValueError):
             self.param_groups.pop()
             raise
         self._placements = self._place()
         hyperparameters.check_shared_blocks(self._placements, self.param_groups, self.meta_rule,
                                             GRANULARITIES[self.granularity].shares, self.granularity,
                                             tuple(spec.name for spec in self._learned))
-        self._kernels.append(KERNELS[self.kernel]())
+        self._kernels.append(kernel)
         self._cached_plan = None
         self._checked_lrs[index] = hyperparameters.lr_mark(self.param_groups[-1]["lr"])
 
@@ -236,6 +254,7 @@ class MetaOptimize(Optimizer):
             "meta": self.meta,
             "granularity": self.granularity,
             "kernel": self.kernel,
+            "storage": self.storage,
             "variant": self.variant,
             "skip_nonfinite": self.skip_nonfinite,
             "approx": self.approx,
@@ -247,6 +266,7 @@ class MetaOptimize(Optimizer):
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         if "blocks" in pickled:  # pickled before the attribute was named granularity
             pickled["granularity"] = pickled.pop("blocks")
+        pickled.setdefault("storage", "separate")  # pickled before there was a choice
         # load_state_dict passes the state alone; a pickle from before learn=(...) learned the step sizes alone
         pickled.setdefault("learn", getattr(self, "learn", ("step_size",)))
         super().__setstate__(pickled)
@@ -429,15 +449,22 @@ class MetaOptimize(Optimizer):
         context = plan.Context(
             self.param_groups, self.state, self._placements, self._owner_state, granularity.segment_kind,
             # learned hyper-parameters beyond the step size keep per-tensor state (metaopt.learned)
-            self._kernels[0].flat and not compiling and not self._learned, self.base_rule.moment_names,
-            self.meta_rule.moment_names,
+            (self._kernels[0].flat or self.storage == "contiguous") and not compiling and not self._learned,
+            self.base_rule.moment_names, self.meta_rule.moment_names, always_flat=self.storage == "contiguous",
         )
         built = plan.build(context, groups, key, fresh, None if compiling else cached)
+        if self.storage == "contiguous" and not compiling:
+            built = contiguous.adopt(built, chunk=self._kernels[0].fused_update is None)
         if self._learned:
             built = built._replace(learned=learned.build(context, groups, key, fresh, self._learned))
         if not compiling:
             self._cached_plan = built
         return built
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """Reset the gradients: set them to None, or with ``storage="contiguous"`` (when ``set_to_none``
+        is not given) zero them in place, so that they stay views of the flat gradient buffers."""
+        super().zero_grad(set_to_none=self.storage != "contiguous" if set_to_none is None else set_to_none)
 
     @property
     def blocks(self) -> str:
@@ -518,6 +545,6 @@ class MetaOptimize(Optimizer):
     def __repr__(self) -> str:
         head = (
             f"MetaOptimize(base={self._base_name()!r}, meta={self.meta!r}, blocks={self.granularity!r}, "
-            f"variant={self.variant!r}, kernel={self.kernel!r})"
+            f"variant={self.variant!r}, kernel={self.kernel!r}, storage={self.storage!r})"
         )
         return head + super().__repr__()[len(type(self).__name__) :]

@@ -256,6 +256,7 @@ class Context(NamedTuple):
     flat: bool  # flat buffers where they pay off
     moment_names: tuple[str, ...]
     meta_moment_names: tuple[str, ...]
+    always_flat: bool = False  # flat buffers wherever the counters allow, also where copies would not pay off
 
 
 def _group_segments(context: Context, index: int, params: list[Tensor], fresh: set[int]) -> list:
@@ -270,7 +271,7 @@ def _group_segments(context: Context, index: int, params: list[Tensor], fresh: s
         created_together = all(id(p) in fresh for p in members)
         counters_agree = _equal([s["step"] for s in states], created_together) and (
             not own_meta or _equal([s["meta_step"] for s in states], created_together))
-        if not pays_off(members) or not counters_agree:
+        if not (context.always_flat or pays_off(members)) or not counters_agree:
             per_tensor += members
             continue
         if own_meta:
@@ -324,7 +325,8 @@ def _node_plan(context: Context, groups: list[tuple[int, list[Tensor]]], fresh: 
     owners = sorted({id(placements[id(p)].owner): placements[id(p)].owner for p in params}.values(),
                     key=lambda owner: (placements[id(owner)].meta_group, placements[id(owner)].number))
     with_grads = {id(p) for p in params}
-    if len({(p.device, p.dtype) for p in params}) != 1 or not pays_off(params) or any(id(o) not in with_grads for o in owners):
+    if (len({(p.device, p.dtype) for p in params}) != 1 or not (context.always_flat or pays_off(params))
+            or any(id(o) not in with_grads for o in owners)):
         return None
     owner_states = [state[owner] for owner in owners]
     if not all(_equal([state[p]["step"] for p in group_params], fresh) for _, group_params in groups):

@@ -15,7 +15,7 @@
 Both published algorithms move the step size *before* the base step, with this step's gradient,
 and step with the new one; MetaOptimize moves it after (its base step uses the step size the
 meta-gradient was computed for). These constructors set ``meta_first=True`` and so reproduce
-the published algorithms exactly (tests/test_special_cases.py). IDBD needs the Hessian
+the published algorithms exactly (tests/metaopt/test_special_cases.py). IDBD needs the Hessian
 diagonal at every step: ``optimizer.step(hessian_diagonal={w: a**2})``.
 """
 

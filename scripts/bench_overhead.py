@@ -67,6 +67,7 @@ OPTIMIZERS = {
     "MetaOptimize (Lion, Lion)": ("metaopt_lion_lion", []),
     "MetaOptimize (AdamW, Lion) blockwise": ("metaopt_adamw_lion_6blocks", []),
     "MetaOptimize (AdamW, Lion) compiled": ("metaopt_adamw_lion", ["optimizer.kernel=compiled"]),
+    "MetaOptimize (AdamW, Lion) triton": ("metaopt_adamw_lion", ["optimizer.kernel=triton", "optimizer.storage=contiguous"]),
     "DoG": ("dog", []),
     "Prodigy": ("prodigy", []),
     "mechanic (AdamW)": ("mechanic_adamw", []),
@@ -242,7 +243,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
     workloads = args.workloads or [w for w, spec in WORKLOADS.items() if cuda or not spec[5]]
-    default_labels = [label for label in OPTIMIZERS if cuda or not label.endswith("compiled")]  # CPU: no minutes of compiling
+    # CPU: no minutes of compiling, and no Triton
+    default_labels = [label for label in OPTIMIZERS if cuda or not label.endswith(("compiled", "triton"))]
     labels = args.optimizers or default_labels
     if labels[0] != "AdamW":
         labels = ["AdamW", *[label for label in labels if label != "AdamW"]]

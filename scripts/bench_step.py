@@ -16,6 +16,7 @@ programs sharing the cores hardly disturb; on CUDA by wall time after synchroniz
     python scripts/bench_step.py --pairs adamw/lion lion/lion --kernels foreach --models resnet18_cifar
     python scripts/bench_step.py --proxy                  # the launch-bound proxy below
     python scripts/bench_step.py --learned                # the cost of learn=(...): bench_step_learned.csv, .md
+    python scripts/bench_step.py --storages separate contiguous   # each kernel with each storage
 
 Writes ``results/performance/bench_step_<device>.csv`` and ``.md`` (a table with the machine).
 
@@ -113,10 +114,16 @@ def median_ratio(candidate: Candidate, reference: Candidate) -> float:
     return statistics.median(t / r for t, r in zip(candidate.times, reference.times))
 
 
-def metaoptimize(model: nn.Module, base: str, meta: str, blocks: str, preset: str, kernel: str) -> MetaOptimize:
+def metaoptimize(model: nn.Module, base: str, meta: str, blocks: str, preset: str, kernel: str,
+                 storage: str = "separate") -> MetaOptimize:
     if blocks == "scalar":
-        return MetaOptimize(model.parameters(), base, meta, "scalar", kernel=kernel)
-    return MetaOptimize(param_groups_by_prefix(model, preset), base, meta, "param_group", kernel=kernel)
+        return MetaOptimize(model.parameters(), base, meta, "scalar", kernel=kernel, storage=storage)
+    return MetaOptimize(param_groups_by_prefix(model, preset), base, meta, "param_group", kernel=kernel, storage=storage)
+
+
+def setting(kernel: str, storage: str) -> str:
+    """A column of the tables: the kernel, and the storage when it is contiguous."""
+    return kernel if storage == "separate" else f"{kernel} + contiguous"
 
 
 def main() -> None:
@@ -128,6 +135,8 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", default=["scalar", "blockwise"], choices=["scalar", "blockwise"])
     parser.add_argument("--kernels", nargs="+", default=None, choices=list(KERNELS),
                         help="default: foreach, flat and compiled (with --proxy: foreach and flat)")
+    parser.add_argument("--storages", nargs="+", default=["separate"], choices=["separate", "contiguous"],
+                        help="MetaOptimize(storage=...): each kernel with each (default: separate)")
     parser.add_argument("--proxy", action="store_true", help="the launch-bound proxy: many tiny tensors")
     parser.add_argument("--learned", action="store_true",
                         help="the cost of each hyper-parameter learned beyond the step size (learn=...)")
@@ -172,20 +181,22 @@ def main() -> None:
             print(f"  {candidate.name:36s} {median_ms(candidate):9.2f} ms  {ratio:5.2f}x fused AdamW", flush=True)
         del baselines
 
-        for (base, meta), blocks, kernel in itertools.product(pairs, args.blocks, args.kernels):
-            label = f"MetaOptimize ({base}, {meta}) {blocks} {kernel}"
+        for (base, meta), blocks, kernel, storage in itertools.product(pairs, args.blocks, args.kernels, args.storages):
+            if kernel == "triton" and device.type != "cuda":
+                continue  # Triton's interpreter is a test harness, not a CPU kernel
+            label = f"MetaOptimize ({base}, {meta}) {blocks} {setting(kernel, storage)}"
             # a base without a torch counterpart (a rule added to metaopt.rules) is timed against AdamW twice
             plain_name, plain = PLAIN_BASES.get(base, PLAIN_BASES["adamw"])
             candidates = [
                 Candidate("AdamW fused", make_model, lambda m: ADAMW_FUSED(m.parameters()), device),
                 Candidate(plain_name, make_model, lambda m: plain(m.parameters()), device),
-                Candidate(label, make_model, lambda m: metaoptimize(m, base, meta, blocks, preset, kernel), device),
+                Candidate(label, make_model, lambda m: metaoptimize(m, base, meta, blocks, preset, kernel, storage), device),
             ]
             race(candidates, device, args.warmup, rounds)
             fused, plain_ms, step = (median_ms(c) for c in candidates)
             vs_fused, vs_plain = median_ratio(candidates[2], candidates[0]), median_ratio(candidates[2], candidates[1])
             rows.append({"model": model_name, "params": n_params, "optimizer": "MetaOptimize", "base": base, "meta": meta,
-                         "blocks": blocks, "kernel": kernel,
+                         "blocks": blocks, "kernel": setting(kernel, storage),
                          "step_ms": round(step, 3), "adamw_fused_ms": round(fused, 3), "vs_adamw_fused": round(vs_fused, 3),
                          "plain_base_ms": round(plain_ms, 3), "vs_plain_base": round(vs_plain, 3),
                          "first_step_s": round(candidates[2].first_step_s, 2)})
@@ -417,6 +428,10 @@ def markdown(rows: list[dict], machine_line: str, device: torch.device, rounds: 
         "",
     ]
     lines += pair_table(metaopt_rows, "model", columns, lambda e: f"{e['vs_adamw_fused']:.2f} ({e['vs_plain_base']:.2f})")
+    compiled = [r for r in metaopt_rows if r["kernel"].startswith("compiled")]
+    if compiled:
+        lines += ["", "First step of the compiled kernel (wall time, with its compilation): " + "; ".join(
+            f"{r['model']} ({r['base']}, {r['meta']}) {r['blocks']} {r['kernel']}: {r['first_step_s']:.1f} s" for r in compiled) + "."]
     return "\n".join(lines) + "\n"
 
 

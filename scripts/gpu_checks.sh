@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run of 8 to 11 minutes on one H100/H200-class card:
+# Everything that needs a GPU, in one run of about 8 minutes (at most 11.5, the stages' limits) on one H100/H200-class card:
 #   1. the CUDA tests: the step never synchronizes with the host (set_sync_debug_mode("error")),
 #      the fast kernels equal the reference kernel on CUDA, the whole step compiles to one graph;
-#   2. scripts/bench_step.py: optimizer-step time against fused AdamW (flat and foreach: every
-#      pair, scalar; blockwise and compiled: (AdamW, Lion) and (Lion, Lion));
-#   3. scripts/bench_overhead.py: Table 1 on the paper's batch sizes, largest batch by bisection
-#      within a memory cap (24 GiB; ImageNet 12 GiB), which keeps the bisection's probes short.
+#      kernel="triton" against the reference for every base x meta x granularity x variant, and its
+#      step without a host sync (tests/metaopt/test_triton_kernel.py);
+#   2. scripts/bench_step.py: optimizer-step time against fused AdamW: the triton and flat kernels with
+#      either storage, scalar and blockwise, for four pairs, then the triton kernel on contiguous storage
+#      for every pair (the goals: <= 1.3x fused AdamW for (AdamW, Lion) scalar, <= 1.5x for every pair);
+#   3. scripts/bench_overhead.py: Table 1 on the paper's batch sizes, the triton kernel among the optimizers
+#      (goals: CIFAR-10 ResNet-18 iteration overhead < 3%, ImageNet and TinyStories < 1%, no loss of largest
+#      batch), largest batch by bisection within a memory cap (24 GiB; ImageNet 12 GiB), which keeps the
+#      bisection's probes short.
 # Each stage has its own time limit, and each script writes its tables as it goes, so a stage
 # that runs out of time keeps what it measured and the next stage still runs.
 #
@@ -29,16 +34,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 stage "CUDA tests" 90 $python -m pytest -q -p no:cacheprovider -o addopts="" --timeout=80 --tb=short --show-capture=no \
-    tests/test_kernels.py tests/test_performance.py -k "cuda"
+    tests/metaopt/test_kernels.py tests/metaopt/test_performance.py -k "cuda"
+stage "CUDA tests, triton kernel" 120 $python -m pytest -q -p no:cacheprovider -o addopts="" --timeout=110 --tb=short \
+    --show-capture=no tests/metaopt/test_triton_kernel.py -k "cuda"
 
-stage "step time, flat and foreach" 150 $python scripts/bench_step.py --device cuda --kernels flat foreach --blocks scalar \
-    --out "$out/bench_step_cuda"
-stage "step time, blockwise and compiled" 180 $python scripts/bench_step.py --device cuda --kernels flat foreach compiled \
-    --pairs adamw/lion lion/lion --out "$out/bench_step_cuda_blockwise_compiled"
+stage "step time, triton and flat" 100 $python scripts/bench_step.py --device cuda --kernels triton flat \
+    --storages contiguous separate --pairs adamw/lion lion/lion adamw/adam sgdm/lion --out "$out/bench_step_cuda_triton"
+stage "step time, every pair" 80 $python scripts/bench_step.py --device cuda --kernels triton --storages contiguous \
+    --blocks scalar --out "$out/bench_step_cuda_triton_pairs"
 
-stage "Table 1" 180 $python scripts/bench_overhead.py --device cuda --workloads cifar10_resnet18 tinystories_llama2c_15m \
+stage "Table 1" 200 $python scripts/bench_overhead.py --device cuda --workloads cifar10_resnet18 tinystories_llama2c_15m \
     --memory-gib 24 --precision 0.02 --out "$out/bench_overhead_cuda"
 # ImageNet's iterations are long: fewer optimizers, rounds and bisection steps to fit the lease
-stage "Table 1, ImageNet" 120 $python scripts/bench_overhead.py --device cuda --workloads imagenet_resnet18 \
-    --optimizers AdamW "MetaOptimize (AdamW, Lion)" "MetaOptimize (Lion, Lion)" DoG Prodigy "mechanic (AdamW)" \
+stage "Table 1, ImageNet" 100 $python scripts/bench_overhead.py --device cuda --workloads imagenet_resnet18 \
+    --optimizers AdamW "MetaOptimize (AdamW, Lion)" "MetaOptimize (AdamW, Lion) triton" "MetaOptimize (Lion, Lion)" DoG Prodigy \
     --rounds 10 --memory-gib 12 --precision 0.05 --out "$out/bench_overhead_cuda_imagenet"

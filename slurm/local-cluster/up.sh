@@ -1,6 +1,6 @@
 #!/bin/bash
 # A real one-node SLURM cluster on this machine, for testing the SLURM path end to end
-# (tests/test_slurm.py, .ci/run): munge, MariaDB + slurmdbd, slurmctld and slurmd, all on this
+# (tests/experiments/test_slurm.py, .ci/run): munge, MariaDB + slurmdbd, slurmctld and slurmd, all on this
 # host. Needs root and Debian's SLURM packages (installed when missing); no systemd. The first
 # start installs and takes a few minutes, later ones seconds. Stop it with down.sh (by PID).
 #   bash slurm/local-cluster/up.sh

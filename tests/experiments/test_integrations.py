@@ -18,9 +18,9 @@ import torch
 
 from metaopt import MetaOptimize
 from metaopt.integrations._common import final_multiplier, unwrap
-from tests.test_trainer import read_wandb_history
+from tests.experiments.helpers import read_wandb_history
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
 SCHEDULE_WARNING = "StepSizeScheduleWarning"
 

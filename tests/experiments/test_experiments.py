@@ -23,7 +23,7 @@ from metaopt.param_groups import RESNET18_BLOCKS, param_groups_by_prefix
 from experiments.models import SixBlockMLP
 from experiments.models.resnet import resnet_mini
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(ROOT / "scripts"))
 import collect_runs  # noqa: E402
@@ -57,7 +57,7 @@ EXPECTED_RUNS = {
     # AdamW and five others on ImageNet; on TinyStories without gdtuo; mini and smoke: the image task
     "table1": {"full": 6 + 5, "mini": 6, "smoke": 6},
     # beyond the paper, on three tasks: its untuned arms on 2 seeds, AdamW's 5 lr on seed 0 then the best on
-    # seed 1, at every scale but smoke (1 seed); tests/test_dropin.py checks the arms
+    # seed 1, at every scale but smoke (1 seed); tests/experiments/test_dropin.py checks the arms
     "dropin": {"full": 3 * (DROPIN_ARMS * 2 + 5 + 1), "mini": 3 * (DROPIN_ARMS * 2 + 5 + 1),
                "smoke": 3 * (DROPIN_ARMS + 5)},
     # beyond the paper: (SGDm, Adam) and (AdamW, Adam) learning kappa from 5 values and rho from 3, and the
@@ -114,7 +114,7 @@ def test_sweep_expands_to_the_expected_runs(experiments, item, scale):
 COMPOSE_CASES = [pytest.param(item, scale, marks=[] if scale == "mini" and item in ("fig1", "fig2", "fig4", "fig5",
                                                                                    "sensitivity")
                               else [pytest.mark.slow]) for item in ITEMS for scale in SCALES
-                if item != "dropin"]  # its tasks' data and models: tests/test_dropin.py
+                if item != "dropin"]  # its tasks' data and models: tests/experiments/test_dropin.py
 
 
 @pytest.mark.parametrize("item, scale", COMPOSE_CASES)

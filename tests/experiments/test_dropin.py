@@ -25,11 +25,10 @@ from experiments.adapters import ScheduleFreeAdapter
 from experiments.reproduce import CONF, SCALES, compose_experiment
 from experiments.sweeps import expected_runs
 from experiments.trainer import _test_batches, build_adapter, train
-from tests.test_trainer import assert_same_state, long_run, train_until_preempted
-from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
-from tests.trainer_helpers import TINY, compose_train, computed_columns, read_metrics
+from tests.experiments.helpers import (TINY, assert_same_state, compose_train, computed_columns, long_run, read_metrics,
+                                       train_until_preempted)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import collect_runs  # noqa: E402
 import make_figures  # noqa: E402

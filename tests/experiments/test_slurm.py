@@ -28,9 +28,9 @@ from hydra import compose, initialize_config_dir
 
 from experiments import checkpoint
 from experiments.run_folder import register_resolvers
-from tests.trainer_helpers import CONF, computed_columns, read_metrics
+from tests.experiments.helpers import CONF, computed_columns, read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 register_resolvers()  # the launcher configs composed below name run folders (conf/hydra/default.yaml)
 
 # A CPU cluster: no GPU (asking for one where there is no gres is an error), one core per task.

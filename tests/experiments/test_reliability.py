@@ -23,11 +23,10 @@ import pytest
 from experiments import checkpoint
 from experiments.files import LOCK_NAME, LockingUnsupported, RunFolderInUse
 from experiments.trainer import train
-from tests.test_trainer import _rows_if_any, read_wandb_history, train_until_preempted
-from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
-from tests.trainer_helpers import TINY, compose_train, computed_columns, finite, read_metrics
+from tests.experiments.helpers import (TINY, compose_train, computed_columns, read_metrics, read_wandb_history,
+                                       rows_if_any, train_until_preempted)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -252,7 +251,7 @@ def test_the_same_command_twice_at_once_runs_once(tmp_path):
     first = subprocess.Popen(cli(run_dir, *overrides), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        while first.poll() is None and not any(int(row["step"]) > 500 for row in _rows_if_any(run_dir)):
+        while first.poll() is None and not any(int(row["step"]) > 500 for row in rows_if_any(run_dir)):
             time.sleep(0.01)
         second = subprocess.run(cli(run_dir, *overrides), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
         assert second.returncode != 0 and f"is in use by process {first.pid}" in second.stderr
@@ -283,7 +282,7 @@ def test_wandb_keeps_every_row_across_a_sigkill(tmp_path):
     overrides = checkpointed_run("logger=wandb")
     process = subprocess.Popen(cli(run_dir, *overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    while process.poll() is None and not any(int(row["step"]) >= 150 for row in _rows_if_any(run_dir)):
+    while process.poll() is None and not any(int(row["step"]) >= 150 for row in rows_if_any(run_dir)):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -19,7 +19,7 @@ from torch import nn
 
 from metaopt import BASES, MetaOptimize
 from metaopt.hessian import Approximation
-from tests.test_optimizer import BASE_HP as HP
+from tests.metaopt.references import BASE_HP as HP
 
 ALPHA0 = {"sgd": 0.3, "sgdm": 0.3, "rmsprop": 0.03, "adamw": 0.03, "lion": 0.01}
 WEIGHT_DECAY = {"sgd": 0.0, "sgdm": 0.1, "rmsprop": 0.1, "adamw": 0.1, "lion": 0.1}

@@ -8,8 +8,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from experiments.adapters import Adapter
 from experiments.data import digits
 from experiments.trainer import train
-from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
-from tests.trainer_helpers import CONF, TINY, compose_train, finite, read_metrics
+from tests.experiments.helpers import CONF, TINY, compose_train, finite, read_metrics
 
 OPTIMIZERS = sorted(path.stem for path in (CONF / "optimizer").glob("*.yaml"))
 

@@ -16,7 +16,7 @@ from metaopt.optimizer import VARIANTS
 from metaopt.kernels import KERNELS
 
 PAIRS = list(itertools.product(BASES, METAS))
-FAST_KERNELS = [kernel for kernel in KERNELS if kernel != "reference"]
+FAST_KERNELS = [kernel for kernel in KERNELS if kernel not in ("reference", "triton")]  # triton: tests/metaopt/test_triton_kernel.py
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BASE_HP = {
     "sgd": {},

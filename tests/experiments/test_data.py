@@ -35,7 +35,7 @@ from experiments.data import (
 )
 from experiments.data.images import CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_FILES
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 

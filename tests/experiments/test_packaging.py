@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ("hydra", "omegaconf", "wandb", "datasets", "torchvision", "timm", "experiments")
 # import metaopt and take a MetaOptimize step, then print the harness modules that got imported
 STEP = f"""

@@ -12,7 +12,6 @@ from torch import nn
 
 from experiments import adapters
 from experiments.adapters import Adapter, DoGAdapter, GdtuoAdapter, MechanicAdapter, OptimizerAdapter, warmup_cosine
-from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
 

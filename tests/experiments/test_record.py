@@ -23,11 +23,9 @@ from experiments import checkpoint
 from experiments.run_folder import read_run
 from experiments.schema import tuning_score
 from experiments.trainer import train
-from tests.test_trainer import _rows_if_any, offline_wandb, read_wandb_records  # noqa: F401  (a fixture)
-from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
-from tests.trainer_helpers import TINY, compose_train
+from tests.experiments.helpers import TINY, compose_train, read_wandb_records, rows_if_any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 sys.path.insert(0, str(REPO / "scripts"))
 import collect_runs  # noqa: E402
@@ -51,7 +49,7 @@ def start(run_dir: Path, *overrides: str, cwd: Path = REPO, env: dict | None = N
 
 
 def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int) -> None:
-    while process.poll() is None and not any(int(row["step"]) >= step for row in _rows_if_any(run_dir)):
+    while process.poll() is None and not any(int(row["step"]) >= step for row in rows_if_any(run_dir)):
         time.sleep(0.02)
     assert process.poll() is None, "the run ended before it reached step %d: %s" % (step, process.communicate())
 
@@ -320,7 +318,7 @@ def test_sigterm_to_a_sweep_reaches_its_runs(tmp_path):
     try:
         deadline = time.monotonic() + 600
         while sweep.poll() is None and time.monotonic() < deadline:
-            folders = [path.parent for path in run_root.glob("fig2/**/metrics.csv") if len(_rows_if_any(path.parent)) > 2]
+            folders = [path.parent for path in run_root.glob("fig2/**/metrics.csv") if len(rows_if_any(path.parent)) > 2]
             if len(folders) == 4:  # smoke: a batch of 4 runs at once
                 break
             time.sleep(0.5)

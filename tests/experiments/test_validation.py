@@ -11,10 +11,9 @@ from omegaconf import OmegaConf
 
 from experiments.trainer import train
 from experiments.validation import TRAINER
-from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
-from tests.trainer_helpers import CONF, TINY, compose_train
+from tests.experiments.helpers import CONF, TINY, compose_train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BAD_VALUES = {
     # override: what the error must say

@@ -5,10 +5,8 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,79 +16,11 @@ import torch.multiprocessing as mp
 
 from experiments import checkpoint
 from experiments.trainer import train
-from tests.trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
-from tests.trainer_helpers import TINY, compose_train, computed_columns, finite, read_metrics
+from tests.experiments.helpers import (TINY, assert_same_state, compose_train, computed_columns, finite, long_run,
+                                       read_metrics, read_wandb_history, rows_if_any, sigterm_when_logged,
+                                       train_until_preempted)
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def long_run(*overrides: str) -> list[str]:
-    """Long enough to be stopped mid-way; logs, evaluates and checkpoints along the way."""
-    return [*TINY, "trainer.max_steps=300", "trainer.log_every=10", "trainer.eval_every=50",
-            "trainer.checkpoint_every=100", *overrides]
-
-
-def last_logged_step(run_dir: Path) -> int:
-    """The step of metrics.csv's last whole row, read from the file's last 4 KiB (0 before any):
-    cheap enough to poll every few milliseconds beside a run that logs every step."""
-    try:
-        with open(run_dir / "metrics.csv", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            whole_rows = f.read().split(b"\n")[:-1]  # after the last newline: a row being written
-    except FileNotFoundError:
-        return 0
-    steps = [int(row.split(b",", 1)[0]) for row in whole_rows if row.split(b",", 1)[0].isdigit()]
-    return steps[-1] if steps else 0
-
-
-def sigterm_when_logged(run_dir: Path, step: int, signum: int = signal.SIGTERM) -> threading.Thread:
-    """SIGTERM (or `signum`) this process once metrics.csv shows `step`, as a scheduler's preemption would.
-    The deadline only ends the watch of a run that died before logging `step`."""
-
-    def watch():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if last_logged_step(run_dir) >= step:
-                os.kill(os.getpid(), signum)
-                return
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    return watcher
-
-
-def train_until_preempted(cfg, run_dir: Path, step: int = 20):
-    """``train`` into ``run_dir``, stopped by a SIGTERM once it has logged ``step``."""
-    watcher = sigterm_when_logged(run_dir, step=step)
-    stopped = train(cfg, str(run_dir))
-    watcher.join()
-    return stopped
-
-
-def assert_same_state(a, b):
-    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
-        assert torch.equal(x, y), name
-    state_a, state_b = a.adapter.state_dict(), b.adapter.state_dict()
-    flat_a, flat_b = _tensors(state_a), _tensors(state_b)
-    assert flat_a.keys() == flat_b.keys()
-    for key in flat_a:
-        assert torch.equal(flat_a[key], flat_b[key]), key
-
-
-def _tensors(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return {}
-    out = {}
-    for key, value in items:
-        out.update(_tensors(value, f"{prefix}/{key}"))
-    return out
+REPO = Path(__file__).resolve().parents[2]
 
 
 RESUME_CASES = {
@@ -205,44 +135,6 @@ def test_resume_refuses_a_folder_of_another_configuration(tmp_path):
         train(compose_train(*TINY, "optimizer=adamw", "optimizer.lr=0.1"), str(tmp_path))
 
 
-def read_wandb_history(run_file: str) -> list[dict]:
-    """The history rows of a .wandb file."""
-    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            for record in read_wandb_records(run_file, "history")]
-
-
-def read_wandb_records(run_file: str, record_type: str) -> list:
-    """The records of one type ("history", "run", ...) of a .wandb file (a LevelDB-style log of protobuf records)."""
-    from wandb.proto import wandb_internal_pb2
-
-    raw = Path(run_file).read_bytes()
-    block, pos, pending, records = 32768, 7, b"", []  # 7 bytes of file header: ":W&B", magic, version
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
-        pending += raw[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a full record, or the last fragment of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            if record.WhichOneof("record_type") == record_type:
-                records.append(record)
-    return records
-
-
-@pytest.fixture
-def offline_wandb(tmp_path, monkeypatch) -> Path:
-    """W&B offline, writing under tmp_path/wandb_dir (returned)."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wandb_dir").mkdir()
-    return tmp_path / "wandb_dir"
-
-
 def test_wandb_offline_logs_the_step_sizes(tmp_path, offline_wandb):
     cfg = compose_train(*TINY, "optimizer=metaopt_adamw_adam", "logger=wandb")
     train(cfg, str(tmp_path / "run"))
@@ -345,7 +237,7 @@ def test_cli_same_command_resumes_in_the_same_folder(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "digits" / "mlp" / "metaopt_lion_lion" / "trainer.eval_every=100,trainer.log_every=10,trainer.max_steps=400" / "seed=0"
     process = subprocess.Popen(command, cwd=REPO, env=env)
-    while process.poll() is None and not any(int(r["step"]) >= 30 for r in _rows_if_any(run_dir)):
+    while process.poll() is None and not any(int(r["step"]) >= 30 for r in rows_if_any(run_dir)):
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 3, "the run was not stopped mid-way"
@@ -357,13 +249,6 @@ def test_cli_same_command_resumes_in_the_same_folder(tmp_path):
     a = checkpoint.load(str(run_dir / "checkpoint.pt"))
     b = checkpoint.load(str(reference_dir / "checkpoint.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
-def _rows_if_any(run_dir: Path) -> list[dict]:
-    try:
-        return [row for row in read_metrics(run_dir) if row.get("step", "").isdigit()]
-    except (FileNotFoundError, ValueError, KeyError):
-        return []
 
 
 def test_gdtuo_resumes_with_its_learned_hyper_parameters(tmp_path):
