@@ -414,6 +414,7 @@ def test_a_non_finite_gradient_skips_the_learned_state_too():
     ("sgdm", ("step_size", "momentum"), {"momentum": 0.0}, r"momentum must be in \(0, 1\)"),
     ("adamw", ("weight_decay",), {}, "must include 'step_size'"),
     ("adamw", ("step_size", "eps"), {"approx": "2x2"}, "approx='hessian_free'"),
+    ("adamw", ("step_size", "eps"), {"storage": "contiguous"}, "storage='separate'"),
 ])
 def test_what_cannot_be_learned_is_refused(base, learn, options, message):
     with pytest.raises(ValueError, match=message):
