@@ -185,9 +185,10 @@ class OptimizerAdapter(Adapter):
             self.scheduler.step()
 
     def step_sizes(self) -> dict[str, float]:
-        """Each group's ``lr``, or MetaOptimize's learned step sizes (read back to the host)."""
+        """Each group's ``lr``, or MetaOptimize's learned step sizes and, with ``learn=(...)``, the other
+        learned hyper-parameters (``weight_decay``, ``momentum`` ... columns; read back to the host)."""
         if isinstance(self.optimizer, MetaOptimize):
-            return self.optimizer.step_sizes()
+            return self.optimizer.meta_parameters()
         return self._group_step_sizes(lambda group: group["lr"])
 
     def plans_zero_step_size(self) -> bool:

@@ -248,10 +248,11 @@ class RunState:
     def open_log(self, resumed_at_step: int | None, num_params: int) -> None:
         """metrics.csv and W&B, then config.yaml and meta.json: written once the run is set up (logger
         and W&B included), so that a run that fails to start leaves no record claiming it runs."""
+        step_size_keys = list(self.adapter.step_sizes())  # on every rank: sharded step sizes are gathered
         if not self.is_main:
             return
         name = os.path.relpath(self.run_dir, self.cfg.get("run_root", "."))
-        self.log = MetricsLog(self.run_dir, schema.metrics_columns(list(self.adapter.step_sizes())),
+        self.log = MetricsLog(self.run_dir, schema.metrics_columns(step_size_keys),
                               csv_enabled=self.cfg.logger.csv, wandb=self.config["logger"]["wandb"],
                               resume_step=resumed_at_step, config=self.config,
                               name=name if not name.startswith("..") else os.path.basename(self.run_dir))

@@ -13,7 +13,10 @@ One step over a :class:`metaopt.plan.Plan`, with :math:`g` in ``p.grad`` and the
 The arithmetic is the kernel's (:mod:`metaopt.kernels`), where the state lives the plan's
 (:mod:`metaopt.plan`). A kernel with a ``fused_update`` (``triton``) does steps 1 and 2 of a flat
 segment in one pass and leaves its terms as partial sums, which its ``meta_update`` reduces in step 3.
-Nothing is read back to the host.
+Nothing is read back to the host. With ``learn=(...)`` beyond the step size
+(:mod:`metaopt.learned`) the plan carries each learned hyper-parameter's segments over the same
+parameters: their terms join step 1's, the kernel's ``learned_update`` does step 2 for all of them
+at once, and their meta segments follow the step sizes' in step 3.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
+from metaopt import learned
 from metaopt.kernels import DeferredTerms
 from metaopt.plan import FlatSegment, Plan
 
@@ -70,16 +74,22 @@ def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rul
     gives its terms in the base update's pass."""
     grads = [segment.gather() for segment in plan.segments]
     fused = [kernels[s.group].fused_update is not None and isinstance(s, FlatSegment) for s in plan.segments]
+    # learn=(...) beyond step sizes: each segment's learned hyper-parameters' segments over the same parameters
+    learned_parts = [plan.learned.segments[position] if plan.learned is not None else () for position in range(len(fused))]
     terms: dict[Hashable, list] = {}
     partial_terms: dict[Hashable, list] = {}
-    for segment, segment_grads, one_pass in zip(plan.segments, grads, fused):
+    for segment, segment_grads, one_pass, parts in zip(plan.segments, grads, fused, learned_parts):
         if not one_pass:
-            _collect(segment, segment.meta_grads(kernels[segment.group], segment_grads), terms, partial_terms)
+            kernel = kernels[segment.group]
+            _collect(segment, segment.meta_grads(kernel, segment_grads), terms, partial_terms)
+            for part in parts:  # never sharded (plain tensors only)
+                for block, z in zip(part.block_keys, part.meta_grads(kernel, segment_grads)):
+                    terms.setdefault(block, []).append(z)
     partial_sums = {block: _summed(zs) for block, zs in partial_terms.items()}
     if plan.reduction is not None:
         plan.reduction.issue(partial_sums)
     memo: dict = {}
-    for segment, segment_grads, one_pass in zip(plan.segments, grads, fused):
+    for position, (segment, segment_grads, one_pass) in enumerate(zip(plan.segments, grads, fused)):
         index = segment.group
         group, kernel = param_groups[index], kernels[index]
         hp = dict(rule=base_rule, hp={key: group[key] for key in base_rule.hyperparameters},
@@ -90,15 +100,22 @@ def step(plan: Plan, param_groups: list[dict[str, Any]], kernels: list, base_rul
         else:
             step_sizes = segment.alphas(_memoized_alphas(group["lr"], index, memo))
             torch._foreach_add_(segment.counters, 1)
-            kernel.update(segment.weights, segment_grads, segment.traces, segment.moments, segment.steps, step_sizes, **hp)
+            if learned_parts[position]:
+                kernel.learned_update(segment.weights, segment_grads, segment.traces, segment.moments, segment.steps,
+                                      step_sizes, learned.tensors(plan.learned, position, index, memo), **hp)
+            else:
+                kernel.update(segment.weights, segment_grads, segment.traces, segment.moments, segment.steps,
+                              step_sizes, **hp)
         segment.scatter()
     sums = {block: _summed(zs) for block, zs in terms.items()}
     if plan.reduction is not None:
         for block, z in plan.reduction.wait(partial_sums).items():  # the whole tensors' terms added to the shards'
             sums[block] = z + sums[block] if block in sums else z
-    for meta in plan.meta_segments:
+    learned_meta_segments = plan.learned.meta_segments if plan.learned is not None else []
+    for meta in (*plan.meta_segments, *learned_meta_segments):
         group = param_groups[meta.group]
-        torch._foreach_add_(meta.counters, 1)
+        if meta.counters:  # a learned hyper-parameter's blocks are counted by their step sizes'
+            torch._foreach_add_(meta.counters, 1)
         kernels[meta.group].meta_update(
             meta.betas, meta.meta_grads(sums), meta.moments, meta.steps,
             rule=meta_rule, hp={key: group[f"meta_{key}"] for key in meta_rule.hyperparameters},

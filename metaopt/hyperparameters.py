@@ -214,12 +214,12 @@ def check_param_group(param_group: dict[str, Any], index: int, defaults: dict[st
 
 
 def check_shared_blocks(placements, param_groups: list[dict[str, Any]], meta_rule: rules.Rule, shares: str,
-                        blocks: str) -> None:
-    """A block takes alpha0 and its meta hyper-parameters from one group: refuse a group whose
-    own values would be ignored, rather than ignore them."""
+                        blocks: str, learned: tuple[str, ...] = ()) -> None:
+    """A block takes alpha0, the initial values of the ``learned`` hyper-parameters and its meta
+    hyper-parameters from one group: refuse a group whose own values would be ignored, rather than ignore them."""
     for placement in placements.values():
         group, meta_group = param_groups[placement.group], param_groups[placement.meta_group]
-        for key in (*BLOCK_KEYS, *(f"meta_{name}" for name in meta_rule.hyperparameters)):
+        for key in (*BLOCK_KEYS, *learned, *(f"meta_{name}" for name in meta_rule.hyperparameters)):
             if key in group and group[key] != meta_group[key]:
                 raise ValueError(
                     f"param group {placement.group} sets {key}={group[key]!r} but shares its step sizes with param "
@@ -243,3 +243,68 @@ def warn_if_lr_is_a_step_size(lr: float | Tensor, where: str, stacklevel: int = 
 def meta_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the step counters and the meta state: float32 or wider, whatever the parameter's."""
     return torch.promote_types(dtype, torch.float32)
+
+
+# -- learn=(...): the hyper-parameters learned online (metaopt.learned) ----------------------------
+
+# The driver's learnable hyper-parameters: the step size and the decoupled weight decay, both positive.
+# A rule's hyper-parameter is learnable when its range is (0, 1) or positive (see learnable).
+DRIVER_LEARNABLE = {"step_size": "log", "weight_decay": "log"}
+
+
+def learnable(base_rule: rules.Rule) -> dict[str, str]:
+    """The hyper-parameters that ``learn=`` may name for this base rule, each with its parametrisation:
+    ``"log"`` (a positive one is ``exp(b)``) or ``"logit"`` (one in (0, 1) is ``sigmoid(b)``)."""
+    result = dict(DRIVER_LEARNABLE)
+    for name in base_rule.hyperparameters:
+        allowed = range_of(base_rule, name)
+        if name in base_rule.zero_trace or allowed is None:
+            continue
+        low, high, _ = allowed
+        if low >= 0.0 and high == 1.0:
+            result[name] = "logit"
+        elif low >= 0.0 and high == math.inf:
+            result[name] = "log"
+    return result
+
+
+def check_learn(learn: Any, base_rule: rules.Rule, base_name: str, approx_kind: str) -> tuple[str, ...]:
+    """``learn`` as a tuple of names; ValueError for a name the base rule does not have (or whose trace is
+    zero), TypeError for a lone string, and ValueError without ``"step_size"`` or with ``approx`` other
+    than ``"hessian_free"``."""
+    allowed = learnable(base_rule)
+    if isinstance(learn, str) or not all(isinstance(name, str) for name in learn):
+        raise TypeError(f"learn must be a tuple of names, e.g. learn=('step_size', 'weight_decay'), got {learn!r}")
+    learn = tuple(dict.fromkeys(learn))
+    for name in learn:
+        if name in base_rule.zero_trace:
+            raise ValueError(
+                f"learn={learn!r}: {name} of base {base_name!r} enters its update through a sign, whose derivative is "
+                f"zero almost everywhere, so its Hessian-free trace stays zero and it would never move; "
+                f"base {base_name!r} can learn {sorted(allowed)}")
+        if name not in allowed:
+            raise ValueError(f"learn={learn!r}: base {base_name!r} has no learnable hyper-parameter {name!r}; "
+                             f"it can learn {sorted(allowed)}")
+    if "step_size" not in learn:
+        raise ValueError(f"learn={learn!r} must include 'step_size': MetaOptimize always learns its step sizes, "
+                         f"and may learn more of {sorted(allowed)} with them")
+    if learn != ("step_size",) and approx_kind != "hessian_free":
+        raise ValueError(f"learn={learn!r} is implemented for approx='hessian_free'; learn only ('step_size',) "
+                         f"with approx={approx_kind!r}")
+    return learn
+
+
+def check_learned_values(values: dict[str, Any], learn: tuple[str, ...], base_rule: rules.Rule, where: str) -> None:
+    """ValueError for a learned hyper-parameter whose initial value its parametrisation cannot take:
+    0 for a positive one (log 0), 0 or 1 for one in (0, 1)."""
+    kinds = learnable(base_rule)
+    for name in learn:
+        if name == "step_size" or name not in values or isinstance(values[name], Tensor):
+            continue
+        value = values[name]
+        if kinds[name] == "log" and not value > 0:
+            raise ValueError(f"learn=(..., {name!r}) learns log({name}): {name}{where} must be > 0 to start from, "
+                             f"got {value!r}; pass e.g. {name}=1e-4")
+        if kinds[name] == "logit" and not 0 < value < 1:
+            raise ValueError(f"learn=(..., {name!r}) learns logit({name}): {name}{where} must be in (0, 1) to start "
+                             f"from, got {value!r}; pass e.g. {name}=0.9")

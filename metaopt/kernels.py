@@ -25,7 +25,10 @@ sizes of a list of blocks). Five kernels:
 * ``triton``: each flat segment's step in two Triton launches, one pass over its memory
   (:mod:`metaopt.triton_kernel`); CUDA, or Triton's interpreter on a CPU.
 
-Every kernel reads ``step_sizes`` as tensors and nothing back to the host.
+Every kernel reads ``step_sizes`` as tensors and nothing back to the host. With hyper-parameters learned
+beyond the step size, a kernel's ``learned_update`` does the base update and every trace
+(:mod:`metaopt.learned`): forward-mode differentiation of the rule for ``reference``, the hand-derived
+traces for the others (compiled for ``compiled``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
+
+from metaopt import learned
 
 
 def _reference_meta_grads(traces, grads, view_shapes) -> list[Tensor]:
@@ -173,6 +178,23 @@ class Kernel(NamedTuple):
     # (flat segment, grads, lr, **hyper-parameters) -> its terms: meta_grads and update of a flat segment in one pass
     fused_update: Callable | None = None
     check: Callable | None = None  # (params, base_rule, meta_rule): ValueError for what the kernel cannot run
+    # update with learn=(...) beyond step sizes: base update, step-size trace and the learned ones' traces
+    learned_update: Callable = learned.fast_update
+
+
+def _compiled_learned_update() -> Callable:
+    """:func:`metaopt.learned.fast_update` compiled where its traces are hand-derived (the generic route,
+    :func:`torch.func.jvp`, stays eager)."""
+    compiled = _compiled(learned.fast_update)
+
+    def update(params, grads, traces, moments, steps, step_sizes, learned_tensors, *, rule, **hyperparameters):
+        if learned.has_hand_derived(rule, tuple(item.spec for item in learned_tensors)):
+            compiled(params, grads, traces, moments, steps, step_sizes, learned_tensors, rule=rule, **hyperparameters)
+        else:
+            learned.generic_update(params, grads, traces, moments, steps, step_sizes, learned_tensors, rule=rule,
+                                   **hyperparameters)
+
+    return update
 
 
 def _triton() -> Kernel:
@@ -191,7 +213,8 @@ def _foreach() -> Kernel:
 
 
 KERNELS: dict[str, Callable[[], Kernel]] = {
-    "reference": lambda: Kernel(_reference_meta_grads, _reference_update, _reference_meta_update),
+    "reference": lambda: Kernel(_reference_meta_grads, _reference_update, _reference_meta_update,
+                                learned_update=learned.generic_update),
     "foreach": _foreach,
     # The foreach arithmetic on flat buffers (a layout, metaopt/plan.py): a number of ops per step that
     # does not depend on the number of tensors.
@@ -200,7 +223,8 @@ KERNELS: dict[str, Callable[[], Kernel]] = {
     # of their own anyway, and torch 2.14's CPU code generation fails on fusing row sums
     # (nodewise) with the update. Per tensor, not on flat buffers: on a CPU, where a step is
     # bound by memory, gathering into flat buffers costs more than the fused loops save.
-    "compiled": lambda: Kernel(_foreach_meta_grads, _compiled(_foreach_update), _compiled(_foreach_meta_update)),
+    "compiled": lambda: Kernel(_foreach_meta_grads, _compiled(_foreach_update), _compiled(_foreach_meta_update),
+                               learned_update=_compiled_learned_update()),
     # Flat segments in two Triton launches (one pass over memory for the base update, trace and the partial
     # sums of the meta-gradient; one for their reduction and the meta update); foreach for the rest.
     "triton": _triton,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metaopt import contiguous, distributed, hessian, hessian_free, hyperparameters, plan, state
+from metaopt import contiguous, distributed, hessian, hessian_free, hyperparameters, learned, plan, state
 from metaopt.granularity import BLOCKS, GRANULARITIES, Placement, node_weights
 from metaopt.kernels import KERNELS, Kernel
 from metaopt.rules import BASES, METAS, VARIANTS, Rule  # noqa: F401  (BASES, METAS, VARIANTS: imported from here by the tests and the harness)
@@ -122,6 +122,17 @@ class MetaOptimize(Optimizer):
             optimizer state per step. Without it (the default) one non-finite gradient entry makes
             the weights and the step sizes non-finite: the trainer of this repository stops there.
 
+        learn: the hyper-parameters learned online (default ``("step_size",)``: the step sizes alone).
+            ``"step_size"`` and any of the base rule's ``"weight_decay"``, ``"momentum"``,
+            ``"normalizer"``, ``"eps"`` (Lion's ``momentum`` and ``lion_interp`` enter through a sign and
+            are refused), each per block as the step sizes, from its keyword's value: a positive one as
+            :math:`e^{b}`, one in (0, 1) as :math:`\mathrm{sigmoid}(b)`, with a Hessian-free trace
+            :math:`X_k \leftarrow \gamma J_x F \cdot X_k + \partial F / \partial b_k` of the base state
+            and its own meta state (:mod:`metaopt.learned`, docs/algorithm.md section 16). Costs one
+            parameter-sized trace per learned hyper-parameter, two for ``momentum`` and ``normalizer``,
+            and keeps the state per tensor (no flat buffers). Read the values with
+            :meth:`meta_parameters` and :meth:`meta_parameter`. ``approx="hessian_free"`` only.
+
         **rule_hyperparameters: the hyper-parameters of a rule added to :mod:`metaopt.rules`
             beyond the keywords above (``meta_<name>`` for the meta rule's).
 
@@ -132,7 +143,8 @@ class MetaOptimize(Optimizer):
     parameter whose dtype or shape changed since its state was made (``ValueError``, at the step).
     Zero-element parameters are skipped.
 
-    State: ``state[p]["trace"]`` is the trace of ``p``; ``state[p]["step"]`` counts its
+    State: ``state[p]["trace"]`` is the trace of ``p`` (``trace_<k>`` and ``trace_<k>_<moment>`` those of a
+    learned hyper-parameter ``k``, whose blocks keep ``beta_<k>`` and ``meta_<moment>_<k>``); ``state[p]["step"]`` counts its
     updates; the base rule's moments are ``exp_avg`` / ``exp_avg_sq``. Each block keeps
     ``beta``, ``meta_step`` and the meta rule's moments (``meta_exp_avg``,
     ``meta_exp_avg_sq``): in ``state[p]`` for the per-tensor granularities, in the param
@@ -170,6 +182,7 @@ class MetaOptimize(Optimizer):
         storage: str = "separate",
         approx: str | hessian.Approximation = "hessian_free",
         skip_nonfinite: bool = False,
+        learn: tuple[str, ...] = ("step_size",),
         **rule_hyperparameters: float,
     ):
         self.base_rule, self.meta_rule = hyperparameters.rules_of(base, meta, variant)
@@ -183,6 +196,12 @@ class MetaOptimize(Optimizer):
                              "closure instead for approx='l' or '2x2'")
         self.skip_nonfinite = skip_nonfinite
         self.approx = hessian.resolve(approx, blocks)
+        self.learn = hyperparameters.check_learn(learn, self.base_rule, self._base_name(), self.approx.kind)
+        self._learned = learned.specs(self.learn, self.base_rule)
+        if self._learned and (storage != "separate" or kernel == "triton"):
+            raise ValueError(f"learn={self.learn!r} keeps each tensor's state apart (metaopt.learned): use "
+                             f"storage='separate' and a kernel other than 'triton' (got storage={storage!r}, "
+                             f"kernel={kernel!r}), or learn=('step_size',)")
         known = [p for p in inspect.signature(MetaOptimize).parameters if p != "rule_hyperparameters"]
         hyperparameters.check_keywords(rule_hyperparameters, self.base_rule, known)
         given = {
@@ -193,6 +212,7 @@ class MetaOptimize(Optimizer):
         }
         driver = {"lr": lr, "alpha0": alpha0, "meta_lr": meta_lr, "gamma": gamma, "meta_weight_decay": meta_weight_decay}
         defaults = hyperparameters.defaults(driver, given, self.base_rule, self.meta_rule, self._base_name(), meta)
+        hyperparameters.check_learned_values(defaults, self.learn, self.base_rule, "")
         hyperparameters.warn_if_lr_is_a_step_size(lr, "")
         self._placements: dict[int, Placement] = {}  # id(p) -> where its step sizes live
         self._mesh_slots: dict[int, int] = {}  # blocks summed over a device mesh (metaopt.distributed)
@@ -208,6 +228,7 @@ class MetaOptimize(Optimizer):
         index = len(self.param_groups)
         hyperparameters.check_param_group(param_group, index, self.defaults, self.base_rule, self.meta_rule,
                                           self._base_name(), self.meta)
+        hyperparameters.check_learned_values(param_group, self.learn, self.base_rule, f" of param group {index}")
         super().add_param_group(param_group)
         kernel = KERNELS[self.kernel]()
         try:
@@ -220,14 +241,16 @@ class MetaOptimize(Optimizer):
         self._placements = self._place()
         try:
             plain_only = ("kernel='triton'" if kernel.fused_update is not None
-                          else "storage='contiguous'" if self.storage == "contiguous" else None)
+                          else "storage='contiguous'" if self.storage == "contiguous"
+                          else f"learn={self.learn!r}" if self._learned else None)
             plan.check_layouts(self.param_groups, self._placements, self.approx.kind, self.skip_nonfinite, plain_only)
         except ValueError:
             self.param_groups.pop()
             self._placements = self._place()
             raise
         hyperparameters.check_shared_blocks(self._placements, self.param_groups, self.meta_rule,
-                                            GRANULARITIES[self.granularity].shares, self.granularity)
+                                            GRANULARITIES[self.granularity].shares, self.granularity,
+                                            tuple(spec.name for spec in self._learned))
         self._kernels.append(kernel)
         self._cached_plan = None
         self._checked_lrs[index] = hyperparameters.lr_mark(self.param_groups[-1]["lr"])
@@ -247,13 +270,17 @@ class MetaOptimize(Optimizer):
             "approx": self.approx,
             "base_rule": self.base_rule,
             "meta_rule": self.meta_rule,
+            "learn": self.learn,
         }
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         if "blocks" in pickled:  # pickled before the attribute was named granularity
             pickled["granularity"] = pickled.pop("blocks")
         pickled.setdefault("storage", "separate")  # pickled before there was a choice
+        # load_state_dict passes the state alone; a pickle from before learn=(...) learned the step sizes alone
+        pickled.setdefault("learn", getattr(self, "learn", ("step_size",)))
         super().__setstate__(pickled)
+        self._learned = learned.specs(self.learn, self.base_rule)
         self._placements = self._place()
         self._kernels = [KERNELS[self.kernel]() for _ in self.param_groups]
         self._cached_plan, self._checked_lrs = None, {}
@@ -295,6 +322,8 @@ class MetaOptimize(Optimizer):
             configuration["variant"] = self.variant
         if self.approx.kind != "hessian_free":
             configuration["approx"] = self.approx.kind
+        if self._learned:
+            configuration["learn"] = list(self.learn)
         return configuration
 
     def _base_name(self) -> str:
@@ -329,6 +358,9 @@ class MetaOptimize(Optimizer):
         """The state of each parameter and of its block, created at the parameter's first step (:mod:`metaopt.state`)."""
         state.init_states(params, self.state, self._placements, self.param_groups, self._owner_state,
                           self.base_rule, self.meta_rule, self.approx, trace_columns)
+        if self._learned:
+            learned.init_states(params, self.state, self._placements, self.param_groups, self._owner_state,
+                                self._learned, self.meta_rule.moment_names)
 
     # -- the step -----------------------------------------------------------------------
 
@@ -436,13 +468,16 @@ class MetaOptimize(Optimizer):
         granularity = GRANULARITIES[self.granularity]
         context = plan.Context(
             self.param_groups, self.state, self._placements, self._owner_state, granularity.segment_kind,
-            (self._kernels[0].flat or self.storage == "contiguous") and not compiling, self.base_rule.moment_names,
-            self.meta_rule.moment_names, always_flat=self.storage == "contiguous",
+            # learned hyper-parameters beyond the step size keep per-tensor state (metaopt.learned)
+            (self._kernels[0].flat or self.storage == "contiguous") and not compiling and not self._learned,
+            self.base_rule.moment_names, self.meta_rule.moment_names, always_flat=self.storage == "contiguous",
             mesh=distributed.mesh_of(self.param_groups), slots=self._mesh_slots,
         )
         built = plan.build(context, groups, key, fresh, None if compiling else cached)
         if self.storage == "contiguous" and not compiling:
             built = contiguous.adopt(built, chunk=self._kernels[0].fused_update is None)
+        if self._learned:
+            built = built._replace(learned=learned.build(context, groups, key, fresh, self._learned))
         if not compiling:
             self._cached_plan = built
         return built
@@ -480,6 +515,31 @@ class MetaOptimize(Optimizer):
         ``weightwise``. Reads the values back to the host once (call it when logging; on every rank
         when those blocks are of sharded parameters, see :meth:`step_size`).
         """
+        return self._logged(("step_size",))
+
+    def meta_parameter(self, p: Tensor, name: str) -> Tensor:
+        """The current value of the learned hyper-parameter ``name`` (one of ``learn``) of ``p``,
+        broadcastable to ``p`` (no host sync); ``"step_size"`` is :meth:`step_size`."""
+        if name not in self.learn:
+            raise ValueError(f"{name!r} is not learned by this optimizer: learn={self.learn!r}")
+        if name == "step_size":
+            return self.step_size(p)
+        block = self._placements[id(p)]
+        owner_state = self._owner_state(block.owner)
+        if f"beta_{name}" in owner_state:  # after the block's first step
+            spec = next(spec for spec in self._learned if spec.name == name)
+            return spec.value(owner_state[f"beta_{name}"]).view(block.view_shape)
+        initial = self.param_groups[block.meta_group][name]
+        return torch.full(block.view_shape, initial, dtype=hyperparameters.meta_dtype(p.dtype), device=p.device)
+
+    def meta_parameters(self) -> dict[str, float]:
+        """Every learned hyper-parameter's current values for logging, named as :meth:`step_sizes` names
+        the step sizes (``weight_decay``, ``weight_decay/<param>``, ``momentum/<param>/median`` ...); a float
+        per block and learned hyper-parameter for ``scalar`` blocks. Reads the values back to the host once."""
+        return self._logged(self.learn)
+
+    def _logged(self, learned_names: tuple[str, ...]) -> dict[str, float]:
+        """The values of the learned hyper-parameters ``learned_names``, per block or as each tensor's range."""
         names, values = [], []
         seen: set[tuple] = set()
         granularity = GRANULARITIES[self.granularity]
@@ -493,14 +553,16 @@ class MetaOptimize(Optimizer):
                 if key in seen:
                     continue
                 seen.add(key)
-                alpha = self.step_size(p if isinstance(owner, int) else owner).float()
                 logged_as = granularity.logged_as.format(block=group.get("block", f"group{index}"), param=param_name)
-                if granularity.logs_range:
-                    names += [f"{logged_as}/{stat}" for stat in ("min", "median", "max")]
-                    values += [alpha.min(), alpha.median(), alpha.max()]
-                    continue
-                names.append(logged_as)
-                values.append(alpha.reshape(()))
+                for name in learned_names:
+                    value = self.meta_parameter(p if isinstance(owner, int) else owner, name).float()
+                    logged_name = name + logged_as[len("step_size"):]
+                    if granularity.logs_range:
+                        names += [f"{logged_name}/{stat}" for stat in ("min", "median", "max")]
+                        values += [value.min(), value.median(), value.max()]
+                    else:
+                        names.append(logged_name)
+                        values.append(value.reshape(()))
         if not values:
             return {}
         return dict(zip(names, torch.stack([v.to(values[0].device) for v in values]).tolist()))

@@ -193,6 +193,7 @@ class Plan(NamedTuple):
     meta_segments: list[MetaSegment]
     by_group: dict[int, tuple[Any, list]]  # each group's segments and key, kept when only other groups change
     reduction: distributed.MeshReduction | None = None  # sums the partial meta-gradients over the mesh
+    learned: Any = None  # learn=(...) beyond step sizes: a metaopt.learned.LearnedPlan aligned with segments
 
 
 # -- flat buffers ------------------------------------------------------------------------------

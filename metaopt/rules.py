@@ -76,6 +76,11 @@ class Rule(NamedTuple):
     # size eta, in log step size per step (a normalised rule moves beta by about eta a step).
     weight_decay: float = 0.1
     meta_lr: float = 1e-2
+    # learn=(...) beyond step sizes (metaopt.learned): the moments that each hyper-parameter enters
+    # directly, which get a trace of their own when it is learned (None: every moment), and the
+    # hyper-parameters whose Hessian-free trace is zero (they enter through a sign), refused there.
+    moments_of: dict[str, tuple[str, ...]] | None = None
+    zero_trace: tuple[str, ...] = ()
 
     def range_of(self, name: str) -> tuple[float, float, bool] | None:
         """The allowed range of a hyper-parameter, or None when the rule sets none."""
@@ -272,25 +277,34 @@ def adam_sum_foreach_direction(xs, moments, hp, steps):
 # standard Adam and RMSProp metas (the released sums step up to 10x further at the paper's 1e-3,
 # which the released rules keep), 3e-3 for Lion (a sign: exactly eta a step), 1e-3 for SGD (its
 # step is the raw meta-gradient's size).
+# The moments each hyper-parameter enters directly (a learned one's moment traces, metaopt.learned)
+_MOMENTUM = {"momentum": ("exp_avg",)}
+_NORMALIZER = {"normalizer": ("exp_avg_sq",), "eps": ()}
+_ADAM = {**_MOMENTUM, **_NORMALIZER}
 RULES: dict[str, Rule] = {
     "sgd": Rule({}, (), sgd_direction, sgd_foreach_direction, weight_decay=0.0, meta_lr=1e-3),
-    "sgdm": Rule({"momentum": 0.9}, ("exp_avg",), sgdm_direction, sgdm_foreach_direction, weight_decay=0.0),
-    "rmsprop": Rule({"normalizer": 0.999, "eps": 1e-8}, ("exp_avg_sq",), rmsprop_direction, rmsprop_foreach_direction),
+    "sgdm": Rule({"momentum": 0.9}, ("exp_avg",), sgdm_direction, sgdm_foreach_direction, weight_decay=0.0,
+                 moments_of=_MOMENTUM),
+    "rmsprop": Rule({"normalizer": 0.999, "eps": 1e-8}, ("exp_avg_sq",), rmsprop_direction, rmsprop_foreach_direction,
+                    moments_of=_NORMALIZER),
     "adam": Rule(
         {"momentum": 0.9, "normalizer": 0.999, "eps": 1e-8},
         ("exp_avg", "exp_avg_sq"),
         adam_direction,
         adam_foreach_direction,
+        moments_of=_ADAM,
     ),
     "lion": Rule(
-        {"momentum": 0.99, "lion_interp": 0.9}, ("exp_avg",), lion_direction, lion_foreach_direction, meta_lr=3e-3
+        {"momentum": 0.99, "lion_interp": 0.9}, ("exp_avg",), lion_direction, lion_foreach_direction, meta_lr=3e-3,
+        moments_of=_MOMENTUM, zero_trace=("momentum", "lion_interp"),
     ),
     "sgdm_delayed": Rule(
-        {"momentum": 0.9}, ("exp_avg",), sgdm_delayed_direction, sgdm_delayed_foreach_direction, weight_decay=0.0
+        {"momentum": 0.9}, ("exp_avg",), sgdm_delayed_direction, sgdm_delayed_foreach_direction, weight_decay=0.0,
+        moments_of=_MOMENTUM,
     ),
     "rmsprop_sum": Rule(
         {"normalizer": 0.999, "eps": 1e-10}, ("exp_avg_sq",), rmsprop_sum_direction, rmsprop_sum_foreach_direction,
-        meta_lr=1e-3,
+        meta_lr=1e-3, moments_of=_NORMALIZER,
     ),
     "adam_sum": Rule(
         {"momentum": 0.9, "normalizer": 0.999, "eps": 1e-10},
@@ -298,6 +312,7 @@ RULES: dict[str, Rule] = {
         adam_sum_direction,
         adam_sum_foreach_direction,
         meta_lr=1e-3,
+        moments_of=_ADAM,
     ),
 }
 

@@ -19,7 +19,7 @@ from metaopt import distributed, hyperparameters
 
 def is_meta_key(key: str) -> bool:
     """Keys kept in float32 (or wider) whatever the parameter's dtype: the step counters and the whole meta state."""
-    return key in ("step", "beta") or key.startswith("meta_")
+    return key == "step" or key.startswith(("beta", "meta_"))  # beta_<k>: a learned hyper-parameter's (metaopt.learned)
 
 
 def init_param(p: Tensor, state: dict[str, Any], trace_columns: int, moment_names: tuple[str, ...]) -> None:

@@ -15,6 +15,7 @@ programs sharing the cores hardly disturb; on CUDA by wall time after synchroniz
     python scripts/bench_step.py --device cuda
     python scripts/bench_step.py --pairs adamw/lion lion/lion --kernels foreach --models resnet18_cifar
     python scripts/bench_step.py --proxy                  # the launch-bound proxy below
+    python scripts/bench_step.py --learned                # the cost of learn=(...): bench_step_learned.csv, .md
     python scripts/bench_step.py --storages separate contiguous   # each kernel with each storage
 
 Writes ``results/performance/bench_step_<device>.csv`` and ``.md`` (a table with the machine).
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--storages", nargs="+", default=["separate"], choices=["separate", "contiguous"],
                         help="MetaOptimize(storage=...): each kernel with each (default: separate)")
     parser.add_argument("--proxy", action="store_true", help="the launch-bound proxy: many tiny tensors")
+    parser.add_argument("--learned", action="store_true",
+                        help="the cost of each hyper-parameter learned beyond the step size (learn=...)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: CPU time measures the step)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9 on CPU, 30 on CUDA)")
@@ -147,6 +150,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.proxy:
         return proxy(args, device)
+    if args.learned:
+        return learned_cost(args, device)
     args.kernels = args.kernels or ["foreach", "flat", "compiled"]
     rounds = args.rounds or (30 if device.type == "cuda" else 9)
     out = args.out or RESULTS / f"bench_step_{device.type}"
@@ -205,6 +210,96 @@ def main() -> None:
             writer.writerows(rows)
         out.with_suffix(".md").write_text(markdown(rows, machine(device), device, rounds, args))
         print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", flush=True)
+
+
+# -- hyper-parameters learned beyond the step size -----------------------------------------------
+
+# What each base learns in the table: every hyper-parameter alone beside the step size, then all at once.
+LEARNABLE = {"sgdm": ("weight_decay", "momentum"), "adamw": ("weight_decay", "eps", "momentum", "normalizer")}
+
+
+def learned_settings(base: str) -> list[tuple[str, tuple[str, ...]]]:
+    names = LEARNABLE[base]
+    return [("step_size", ("step_size",))] + [(f"+{name}", ("step_size", name)) for name in names] + [
+        ("+all", ("step_size", *names))]
+
+
+def learned_optimizer(model: nn.Module, base: str, learn: tuple[str, ...], kernel: str, blocks: str = "scalar"):
+    return MetaOptimize(model.parameters(), base, "adam", blocks, kernel=kernel, learn=learn, weight_decay=1e-2)
+
+
+def state_buffers(model: nn.Module, optimizer: MetaOptimize) -> float:
+    """The optimizer's state in parameter-sized buffers: the elements of every state tensor over the parameters'."""
+    params = list(model.parameters())
+    held = sum(value.numel() for p in params for value in optimizer.state[p].values() if isinstance(value, torch.Tensor))
+    return held / sum(p.numel() for p in params)
+
+
+def learned_memory(base: str) -> list[dict]:
+    """Measured after one step of a small MLP: the extra state over learning the step size alone, per granularity."""
+    rows = []
+    for blocks in ("scalar", "weightwise"):
+        for setting, learn in learned_settings(base):
+            model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 10))
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer = learned_optimizer(model, base, learn, "foreach", blocks)
+            optimizer.step()
+            rows.append({"base": base, "blocks": blocks, "setting": setting, "buffers": state_buffers(model, optimizer)})
+    return rows
+
+
+def learned_cost(args, device: torch.device) -> None:
+    """Step time of (SGDm, Adam) and (AdamW, Adam) learning each hyper-parameter, side by side with the same
+    optimizer learning the step size alone (one race per base and kernel), and the extra state memory."""
+    rounds = args.rounds or (30 if device.type == "cuda" else 9)
+    out = args.out or RESULTS / "bench_step_learned"
+    kernels = args.kernels or ["foreach", "compiled", "reference"]
+    rows = []
+    for model_name, base, kernel in itertools.product(args.models, LEARNABLE, kernels):
+        make_model = MODELS[model_name][0]
+        settings = learned_settings(base) if kernel != "reference" else [learned_settings(base)[0], learned_settings(base)[-1]]
+        candidates = [Candidate(setting, make_model, lambda m, learn=learn: learned_optimizer(m, base, learn, kernel), device)
+                      for setting, learn in settings]
+        race(candidates, device, args.warmup, rounds)
+        for candidate in candidates:
+            rows.append({"model": model_name, "base": base, "kernel": kernel, "setting": candidate.name,
+                         "step_ms": round(median_ms(candidate), 3),
+                         "vs_step_size_only": round(median_ratio(candidate, candidates[0]), 3),
+                         "first_step_s": round(candidate.first_step_s, 2)})
+            print(f"  {model_name} ({base}, adam) {kernel:9s} {candidate.name:14s} {median_ms(candidate):9.2f} ms "
+                  f"{rows[-1]['vs_step_size_only']:5.2f}x", flush=True)
+        del candidates
+    memory = [row for base in LEARNABLE for row in learned_memory(base)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out.with_suffix(".md").write_text(learned_markdown(rows, memory, machine(device), rounds, args.warmup))
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", flush=True)
+
+
+def learned_markdown(rows: list[dict], memory: list[dict], machine_line: str, rounds: int, warmup: int) -> str:
+    lines = [
+        "# The cost of learning hyper-parameters beyond the step size (`learn=`)", "",
+        f"Machine: {machine_line}. Time of `optimizer.step()` ({rounds} rounds after {warmup} warm-up steps), "
+        "MetaOptimize(base, 'adam', 'scalar', learn=...) for each setting taking turns with the same optimizer "
+        "learning the step size alone in one process; a ratio is the median over rounds of the ratio within a round. "
+        "`reference`: the generic route (torch.func.jvp of the rule). Written by `scripts/bench_step.py --learned`.", "",
+        "| model | base | kernel | learned | step (ms) | x step size only |", "|---|---|---|---|---:|---:|",
+    ]
+    lines += [f"| {r['model']} | {r['base']} | {r['kernel']} | {r['setting']} | {r['step_ms']:.2f} | "
+              f"{r['vs_step_size_only']:.2f} |" for r in rows]
+    lines += ["", "## State memory, in parameter-sized buffers (measured after one step)", "",
+              "Every state tensor's elements over the parameters' (a 64-128-10 MLP); the difference to the step "
+              "size alone is what the learned hyper-parameters add. Weightwise blocks hold each hyper-parameter's "
+              "log or logit and its two Adam meta moments per weight besides its traces.", "",
+              "| base | blocks | learned | state buffers | extra |", "|---|---|---|---:|---:|"]
+    alone = {(r["base"], r["blocks"]): r["buffers"] for r in memory if r["setting"] == "step_size"}
+    lines += [f"| {r['base']} | {r['blocks']} | {r['setting']} | {r['buffers']:.2f} | "
+              f"{r['buffers'] - alone[(r['base'], r['blocks'])]:.2f} |" for r in memory]
+    return "\n".join(lines) + "\n"
 
 
 # -- the launch-bound proxy ----------------------------------------------------------------------

@@ -19,7 +19,9 @@ the scale recorded in the CSV) and stops, naming them, if a run is missing or un
 - for the drop-in benchmark (kind dropin, experiments/dropin.py), results/dropin/dropin.png and
   dropin.md: every arm's train loss and test metric at the horizons, and the MetaOptimize arms' goals;
 - for the continual setting (kind continual), results/continual/continual.png and continual.md: each
-  learner's online loss, and its mean over the last quarter of each stream.
+  learner's online loss, and its mean over the last quarter of each stream;
+- for the beyond item (kind beyond, experiments/beyond.py), results/beyond/beyond.png and beyond.md:
+  the final metrics against the initial value of a learned hyper-parameter, learned and fixed, and its trajectories.
 An arm's label is figure.labels' entry for it where the item's config has one, else its name.
 """
 
@@ -38,7 +40,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import dropin  # noqa: E402
+from experiments import beyond, dropin  # noqa: E402
 from experiments.reproduce import ITEMS, compose_experiment  # noqa: E402
 from experiments.sweeps import expected_runs, select, tune_seed  # noqa: E402
 from experiments.schema import (COSTS, PROGRESS, QUALITY, STEP_SIZE, final, is_step_size, mean_over_last,  # noqa: E402
@@ -378,9 +380,17 @@ def continual_report(item: str, cfg, chosen, runs, out: Path) -> None:
     (out / f"{item}.md").write_text("\n".join(lines))
 
 
+def beyond_report(item: str, cfg, chosen, runs, out: Path) -> None:
+    """Hyper-parameters learned beyond the step size (experiments/beyond.py): <item>.png and <item>.md."""
+    sweeps = beyond.report(cfg, runs, chosen)
+    scale = scale_label(item, cfg, runs)
+    beyond.plot(cfg.figure.title, scale, sweeps, out / f"{item}.png")
+    (out / f"{item}.md").write_text(beyond.markdown(cfg.figure.title, scale, sweeps))
+
+
 # figure.kind -> the function that draws it (kind table writes markdown instead: table())
 RENDERERS = {"curves": plot, "step_sizes": plot, "sensitivity": sensitivity_plot, "dropin": dropin_report,
-             "continual": continual_report}
+             "continual": continual_report, "beyond": beyond_report}
 
 
 def build(item: str, results: Path) -> Path:

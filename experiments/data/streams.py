@@ -105,6 +105,29 @@ class PermutedDigits:
         return nn.functional.cross_entropy(outputs, targets)
 
 
+@dataclass
+class SignalOrNoise(LinearTracking):
+    """Linear regression whose target alternates every ``switch_every`` steps between noise alone
+    (``y = noise * e``: the best weights are 0, and a large weight decay gets there) and a strong signal
+    (``y = w* . x + noise * e``, all ``inputs`` entries of ``w*`` +-1: a small weight decay keeps the
+    weights at it). The best weight decay changes with the phase; ``signal(t)`` says which phase step
+    ``t`` is in. LinearTracking's model, loss and batches (its ``relevant`` and ``flip_every`` unused)."""
+
+    switch_every: int = 1000
+    noise: float = 1.0
+
+    def __post_init__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        target = torch.randint(2, (self.inputs,), generator=generator).float() * 2 - 1
+        self.x = torch.randn(self.steps, self.batch_size, self.inputs, generator=generator)
+        on = torch.tensor([self.signal(t) for t in range(self.steps)], dtype=torch.float32).view(-1, 1)
+        noise = self.noise * torch.randn(self.steps, self.batch_size, generator=generator)
+        self.y = (on * torch.einsum("tbi,i->tb", self.x, target) + noise).unsqueeze(-1)
+
+    def signal(self, t: int) -> bool:
+        return (t // self.switch_every) % 2 == 1  # noise first, then signal, and so on
+
+
 def linear_tracking(steps: int, flip_every: int = 20, inputs: int = 20, relevant: int = 5, batch_size: int = 1,
                     seed: int = 0) -> DataSplits:
     """Sutton's tracking task as a dataset: a regression (the half squared error), for the linear model

@@ -62,6 +62,9 @@ EXPECTED_RUNS = {
                "smoke": 3 * (DROPIN_ARMS + 5)},
     # beyond the paper, CPU-sized at every scale: 56 runs a seed (tests/experiments/test_continual.py)
     "continual": {"full": 56 * 3, "mini": 56 * 3, "smoke": 56},
+    # beyond the paper: (SGDm, Adam) and (AdamW, Adam) learning kappa from 5 values and rho from 3, and the
+    # same values fixed (tuned grids); mini: 2 seeds, each fixed grid on seed 0 then its best on seed 1
+    "beyond": {"full": 2 * 2 * (5 + 3) * 3, "mini": 2 * (5 + 3) * 2 + 2 * (5 + 3) + 4, "smoke": 2 * 2 * (5 + 3)},
 }
 # Figures drawn from another's runs: their runs are a subset of that sweep's, in the same folders.
 SHARED = {"fig3": "fig1", "fig6": "fig4", "fig7": "fig5", "fig8": "fig4"}
@@ -138,7 +141,8 @@ def test_each_grid_composes_into_a_run_config(experiments, item, scale):
                 assert job.optimizer.meta_lr == float(run.values["optimizer.meta_lr"])
 
 
-@pytest.mark.parametrize("item", [item for item in ITEMS if item not in ("table1", "dropin", "continual")])  # dropin: defaults; continual: one size
+# dropin: defaults; continual: one size; beyond: the library's defaults at every scale (tests/experiments/test_beyond.py)
+@pytest.mark.parametrize("item", [item for item in ITEMS if item not in ("table1", "dropin", "continual", "beyond")])
 def test_mini_scale_keeps_the_algorithms_settings(experiments, item):
     """A CPU-scale stand-in shrinks data, model, grids and seeds, never eta, gamma or alpha0, and runs
     long enough for the step size to grow from alpha0 (at eta = 1e-3, about 7,000 steps)."""

@@ -268,6 +268,8 @@ def test_layouts_the_step_cannot_take_are_refused_naming_the_parameter_and_the_f
         (dict(params=[("w", _parameter([Partial()]))]), "'w' has placements .*Partial.*Replicate"),
         (dict(params=[("w", _parameter([Shard(0)]))], approx="l"), "'w' is a DTensor: approx='l'.*hessian_free"),
         (dict(params=[("w", _parameter([Shard(0)]))], skip_nonfinite=True), "'w' is a DTensor: skip_nonfinite.*False"),
+        (dict(params=[("w", _parameter([Shard(0)]))], learn=("step_size", "weight_decay"), weight_decay=0.1),
+         r"'w' is a DTensor: learn=\('step_size', 'weight_decay'\) takes plain tensors"),
         (dict(params=[("w", _parameter([Shard(0)]))], storage="contiguous"),
          "'w' is a DTensor: storage='contiguous' takes plain tensors.*storage='separate'"),
         (dict(params=[("fc.weight", _parameter([Shard(0)])), ("fc.bias", nn.Parameter(torch.ones(4)))], blocks="nodewise"),
