@@ -7,6 +7,7 @@ log step sizes to 1% of how far they moved from alpha0 (measured: about 1e-6 and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +23,9 @@ from tests.metaopt import triton_cases
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 triton = pytest.importorskip("triton")
+# Triton's interpreter (TRITON_INTERPRET=1) runs the kernels with numpy, which neither torch nor the library needs
+INTERPRETER = pytest.mark.skipif(importlib.util.find_spec("numpy") is None,
+                                 reason="Triton's interpreter needs numpy")
 
 # Thin: every base, every meta, every granularity, both variants, both storages and a tensor lr at least once;
 # three cases run twice (deterministic).
@@ -57,11 +61,13 @@ def thin_results():
     return interpreted(THIN)
 
 
+@INTERPRETER
 @pytest.mark.parametrize("case", THIN, ids=triton_cases.name)
 def test_the_triton_kernel_equals_the_reference_under_the_interpreter(case, thin_results):
     assert_equals_reference(thin_results[triton_cases.name(case)])
 
 
+@INTERPRETER
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_every_base_meta_granularity_and_variant_under_the_interpreter():
