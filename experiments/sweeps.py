@@ -2,9 +2,9 @@
 and which curve each run is.
 
 The sweeper (hydra_plugins/metaopt_grids_sweeper, Hydra's glue) launches these runs and writes
-them down in the sweep's manifest, which scripts/collect_runs.py reads; scripts/make_figures.py
-expands them as the sweeper does, so a figure knows every run it needs and names the one that is
-missing.
+them down in the sweep's manifest, which scripts/collect_runs.py reads and copies into
+results/<item>/sweep.json beside runs.csv; scripts/make_figures.py draws the runs and tuned choices
+that sweep.json lists, so a figure names the run that is missing and never chooses again.
 
     cfg = compose_experiment("fig1", "mini")      # experiments.reproduce
     for run in expected_runs(cfg): print(run.grid, run.arm, run.key)

@@ -8,15 +8,18 @@ grids sweeper writes): its runs, their arms and folders, and, in a sweep tuned o
 (hydra.sweeper.tune_seed), the setting each tuned grid's tuning chose for its other seeds; nothing is
 derived again here. A folder counts only if its config.yaml is the configuration this sweep gives the
 run. Writes every metrics.csv row with the run's identity: its grid, arm, seed, every swept key, its
-status (meta.json) and the sweep's scale (the columns of experiments/schema.py). A sweep without a
-manifest (or with a damaged one) is refused, naming the file; a run the manifest names but that has no
-folder yet is reported, and scripts/make_figures.py refuses to plot without it.
+status (meta.json) and the sweep's scale (the columns of experiments/schema.py). Beside it,
+sweep.json: the manifest's runs as the figure needs them (grid, arm, overrides, phase) and each tuned
+grid's chosen setting, which scripts/make_figures.py takes as they are. A sweep without a manifest (or
+with a damaged one) is refused, naming the file; a run the manifest names but that has no folder yet is
+reported, and scripts/make_figures.py refuses to plot without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -24,13 +27,14 @@ from omegaconf import OmegaConf
 
 from experiments.files import atomic_write, read_json
 from experiments.reproduce import ITEMS, SCALES, compose_experiment
-from experiments.sweeps import Run
+from experiments.sweeps import Run, tune_seed
 from experiments.run_folder import IDENTITY_SECTIONS, differences, manifest_path, read_run
 from experiments.schema import run_key, runs_columns, swept_keys
 
 
 def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[int, list[str]]:
-    """Write out_dir/runs.csv (atomically); returns (rows written, the manifest's runs not found).
+    """Write out_dir/runs.csv and out_dir/sweep.json (each atomically); returns (rows written, the
+    manifest's runs not found).
 
     overrides: as given to the sweep (e.g. run_root=...), so that its manifest is found. The runs,
     their arms and folders, and the settings its tuning chose are the manifest's: nothing here
@@ -44,9 +48,9 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
     runs = manifest_runs(manifest_path(cfg.run_root, cfg.run_group, [f"experiment={item}", f"scale={scale}", *overrides]),
                          f"make {item} SCALE={scale}" + (f" ARGS='{' '.join(overrides)}'" if overrides else ""))
     # the keys the sweep varies: the later runs of a sweep tuned on one seed vary none of their own
-    swept = swept_keys(run.values for run, _ in runs)
+    swept = swept_keys(run.values for run, _, _ in runs)
     rows, missing, metric_columns = [], [], []
-    for run, folder in runs:
+    for run, folder, _ in runs:
         seed = run.values.get("seed", "0")
         why = None if folder is None else mismatch(folder, run_config(item, scale, overrides, run))
         if folder is None or why:
@@ -64,12 +68,28 @@ def collect(item: str, scale: str, out_dir: Path, overrides: list[str] | tuple[s
         writer = csv.DictWriter(f, fieldnames=runs_columns(swept, metric_columns), restval="")
         writer.writeheader()
         writer.writerows(rows)
+    write_sweep_record(out_dir, item, scale, [(run, phase) for run, _, phase in runs], tune_seed(cfg),
+                       "the sweep's manifest")
     return len(rows), missing
 
 
-def manifest_runs(path: Path, sweep_command: str) -> list[tuple[Run, Path | None]]:
-    """The runs a sweep's manifest names, in launch order, each with its folder (None: not launched yet):
-    every first-phase run, and a tuned grid's later runs once its tuning chose their setting."""
+def write_sweep_record(out_dir: Path, item: str, scale: str, runs: list[tuple[Run, str]], seed: str | None,
+                       source: str) -> None:
+    """out_dir/sweep.json (atomically): every run of the sweep with its phase, and for each tuned grid its
+    chosen setting (the key of its later runs: the sweeper runs the other seeds of that setting alone).
+    source: where the record comes from."""
+    record = {"item": item, "scale": scale, "from": source, "tune_seed": seed,
+              "chosen": {run.arm: run.key for run, phase in runs if phase == "later"},
+              "runs": [{"grid": run.grid, "arm": run.arm, "overrides": list(run.overrides), "phase": phase}
+                       for run, phase in runs]}
+    with atomic_write(str(out_dir / "sweep.json")) as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def manifest_runs(path: Path, sweep_command: str) -> list[tuple[Run, Path | None, str]]:
+    """The runs a sweep's manifest names, in launch order, each with its folder (None: not launched yet)
+    and its phase: every first-phase run, and a tuned grid's later runs once its tuning chose their setting."""
     fix = f"run the sweep (`{sweep_command}`: finished runs are skipped) to write it"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: the sweep's manifest names its runs; {fix}")
@@ -82,7 +102,7 @@ def manifest_runs(path: Path, sweep_command: str) -> list[tuple[Run, Path | None
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a sweep manifest ({type(error).__name__}: {error}); {fix}") from None
     run_root = path.parent.parent
-    return [(run, None if folder is None else run_root / folder) for run, folder, entry in runs
+    return [(run, None if folder is None else run_root / folder, entry["phase"]) for run, folder, entry in runs
             if entry["phase"] == "first" or chosen.get(run.grid) == entry["setting"]]
 
 

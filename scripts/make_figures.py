@@ -3,12 +3,13 @@
     python scripts/make_figures.py              # every item that has a results/<item>/runs.csv
     python scripts/make_figures.py fig1 fig3    # these; an item without runs.csv is an error
 
-For each item it checks runs.csv against the experiment's sweep (conf/experiment/<item>.yaml at
-the scale recorded in the CSV) and stops, naming them, if a run is missing or unfinished. Then:
+For each item it checks runs.csv against the sweep's runs that results/<item>/sweep.json lists (written
+with it by scripts/collect_runs.py from the sweep's manifest) and stops, naming them, if a run is missing
+or unfinished. Then:
 - a tuned grid (figure.tuned: fixed step sizes, cosine peaks, DoG's initial movement, gdtuo's
-  and mechanic's variants) becomes one curve, its setting with the best mean final
-  figure.select.metric over seeds, or, in a sweep tuned on one seed (hydra.sweeper.tune_seed),
-  the best on that seed (the one that ran the other seeds); a run that diverged ranks last;
+  and mechanic's variants) becomes one curve: in a sweep tuned on one seed (hydra.sweeper.tune_seed),
+  the setting its tuning chose (sweep.json's chosen: the one that ran the other seeds), else the
+  setting with the best mean final figure.select.metric over seeds; a run that diverged ranks last;
 - results/<item>/<item>.png: the curves (mean over seeds, band of +-1 std when n > 1) of each
   figure.metrics row for each figure.panels column, or, for kind step_sizes, every step size the
   runs logged (one per block for the blockwise runs); the arms that figure.baselines lists dashed, the others
@@ -42,9 +43,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import beyond, dropin  # noqa: E402
 from experiments.reproduce import ITEMS, compose_experiment  # noqa: E402
-from experiments.sweeps import expected_runs, select, tune_seed  # noqa: E402
+from experiments.files import read_json  # noqa: E402
+from experiments.sweeps import Run, expected_runs, select  # noqa: E402
 from experiments.schema import (COSTS, PROGRESS, QUALITY, STEP_SIZE, final, is_step_size, mean_over_last,  # noqa: E402
-                                run_key, score, steady_median, swept_keys, tuning_score)
+                                run_key, score, steady_median, swept_keys)
 
 SUMMARY_METRICS = (*QUALITY, STEP_SIZE)
 
@@ -79,9 +81,29 @@ def read_runs(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def read_sweep_record(path: Path, item: str, scale: str) -> dict:
+    """The sweep.json beside runs.csv (scripts/collect_runs.py writes both): the sweep's runs, each
+    tuned grid's chosen setting, and the seed it was tuned on."""
+    again = f"collect it again: python scripts/collect_runs.py {item} --scale {scale} --out {path.parent}"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: it lists the sweep's runs and the settings its tuning "
+                                f"chose, and is written with runs.csv; {again}")
+    record = read_json(str(path), again)
+    try:
+        runs = [Run(entry["grid"], tuple(entry["overrides"]), entry["arm"]) for entry in record["runs"]]
+        record = {**record, "runs": runs, "chosen": dict(record["chosen"]), "tune_seed": record["tune_seed"]}
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a sweep record ({type(error).__name__}: {error}); {again}") from None
+    if (record.get("item"), record.get("scale")) != (item, scale):
+        raise ValueError(f"{path} records the {record.get('item')} sweep at scale {record.get('scale')}, "
+                         f"runs.csv holds {item} at scale {scale}: {again}")
+    return record
+
+
 def group_runs(item: str, rows: list[dict[str, str]], path: Path | None = None):
-    """The sweep's runs with their rows; raises MissingRuns naming every absent or unfinished run.
-    path: the runs.csv they come from, which the errors name (default: results/<item>/runs.csv)."""
+    """(cfg, scale, the sweep's runs with their rows, its sweep.json record); raises MissingRuns naming
+    every absent or unfinished run. path: the runs.csv they come from, which the errors name (default:
+    results/<item>/runs.csv); sweep.json is read beside it."""
     path = path or Path("results") / item / "runs.csv"
     if not rows:
         raise MissingRuns(f"{path} holds no runs: run `make {item}` (SCALE=...) first")
@@ -95,14 +117,12 @@ def group_runs(item: str, rows: list[dict[str, str]], path: Path | None = None):
     if absent:
         raise ValueError(f"{path} has no column {', '.join(absent)}, which the figure draws "
                          f"(figure.metrics of conf/experiment/{item}.yaml): collect it again from the run folders")
-    swept = swept_keys(run.values for run in expected_runs(cfg))
+    sweep = read_sweep_record(path.parent / "sweep.json", item, scale)
+    expected = sweep["runs"]
+    swept = swept_keys(run.values for run in expected)
     by_run = defaultdict(list)
     for row in rows:  # a row's run key, as Run.key, from its columns of the swept keys
         by_run[(run_key({k: row.get(k, "") for k in swept}), row["seed"])].append(row)
-    rule = select(cfg)
-
-    expected = expected_runs(cfg, lambda run: tuning_score(by_run.get((run.key, run.values.get("seed", "0")), []),
-                                                           **rule))  # as the sweeper scored it
     runs, problems = [], []
     for run in expected:
         seed = run.values.get("seed", "0")
@@ -117,15 +137,16 @@ def group_runs(item: str, rows: list[dict[str, str]], path: Path | None = None):
         raise MissingRuns(f"{path} does not hold the whole {item} sweep at scale {scale} "
                           f"({len(problems)} of {len(problems) + len(runs)} runs):\n  " + "\n  ".join(problems)
                           + f"\nrun `make {item} SCALE={scale}` (finished runs are skipped), then collect again")
-    return cfg, scale, runs
+    return cfg, scale, runs, sweep
 
 
-def curves(cfg, runs):
-    """{arm: (label, [rows of each seed])}: every untuned setting, and each tuned grid's best."""
+def curves(cfg, runs, sweep):
+    """{arm: (label, [rows of each seed])}: every untuned setting, and each tuned grid's best: the setting
+    its tuning chose (sweep["chosen"]), else the best mean over seeds. The summary ranks the others."""
     settings = defaultdict(list)  # (arm, key) -> rows of each seed
     for run, rows in runs:
         settings[(run.arm, run.key)].append(rows)
-    rule, seed = select(cfg), tune_seed(cfg)
+    rule, seed = select(cfg), sweep["tune_seed"]
     labels = dict(cfg.figure.get("labels") or {})  # an arm's label, where the item's config declares one
 
     def ranking(seeds: list) -> float:  # on the tuning seed alone, if the sweep tuned on one
@@ -135,7 +156,7 @@ def curves(cfg, runs):
     for arm in dict.fromkeys(arm for arm, _ in settings):
         candidates = {key: seeds for (a, key), seeds in settings.items() if a == arm}
         ranked = sorted(candidates, key=lambda key: ranking(candidates[key])) if len(candidates) > 1 else list(candidates)
-        best = ranked[0]
+        best = sweep["chosen"].get(arm, ranked[0])
         tuned = len(candidates) > 1
         name = labels.get(arm, arm.replace("optimizer.", ""))
         label = f"{name} ({_varying(best, candidates)})" if tuned else name
@@ -397,8 +418,8 @@ def build(item: str, results: Path) -> Path:
     """Check, plot (or tabulate) and summarise one item; returns the figure's or table's path."""
     out = results / item
     rows = read_runs(out / "runs.csv")
-    cfg, _, runs = group_runs(item, rows, out / "runs.csv")
-    chosen, summary = curves(cfg, runs)
+    cfg, _, runs, sweep = group_runs(item, rows, out / "runs.csv")
+    chosen, summary = curves(cfg, runs, sweep)
     if cfg.figure.kind == "table":
         figure = table(item, cfg, runs, out)
     else:

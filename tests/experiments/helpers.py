@@ -1,5 +1,5 @@
 """What the harness's tests share: compose conf/train.yaml, read a run's metrics.csv and W&B log, stop a run
-as a scheduler would, compare two runs' states."""
+as a scheduler would, compare two runs' states, write the sweep.json of a synthetic runs.csv."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from experiments.sweeps import Run, tune_seed
 from experiments.trainer import train
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -159,3 +160,15 @@ def read_wandb_records(run_file: str, record_type: str) -> list:
             if record.WhichOneof("record_type") == record_type:
                 records.append(record)
     return records
+
+
+def write_sweep_record(out_dir: Path, cfg: DictConfig, item: str, scale: str, runs: list[Run]) -> None:
+    """out_dir/sweep.json for a synthetic runs.csv of these runs (as experiments.sweeps.expected_runs gives
+    them), as scripts/collect_runs.py writes it from a manifest: in a sweep tuned on one seed, a tuned
+    grid's runs on the other seeds are its later runs (the chosen setting's)."""
+    import collect_runs  # scripts/, on sys.path in the tests that draw figures
+
+    seed = tune_seed(cfg)
+    later = {run for run in runs if seed is not None and run.grid in cfg.figure.tuned and run.values["seed"] != seed}
+    collect_runs.write_sweep_record(out_dir, item, scale, [(run, "later" if run in later else "first") for run in runs],
+                                    seed, "a test's synthetic runs.csv")

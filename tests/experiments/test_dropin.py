@@ -26,7 +26,7 @@ from experiments.reproduce import CONF, SCALES, compose_experiment
 from experiments.sweeps import expected_runs
 from experiments.trainer import _test_batches, build_adapter, train
 from tests.experiments.helpers import (TINY, assert_same_state, compose_train, computed_columns, long_run, read_metrics,
-                                       train_until_preempted)
+                                       train_until_preempted, write_sweep_record)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -252,6 +252,7 @@ def synthetic_runs_csv(path: Path) -> dict:
                 truth[(task, arm, seed, step)] = (train_loss, test)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_sweep_record(path.parent, cfg, "dropin", "mini", runs)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
@@ -265,8 +266,9 @@ def test_report_values_and_goals_match_an_independent_computation(tmp_path):
     assert png == tmp_path / "dropin" / "dropin.png" and png.exists()
     text = (tmp_path / "dropin" / "dropin.md").read_text()
 
-    cfg, _, runs = make_figures.group_runs("dropin", make_figures.read_runs(tmp_path / "dropin" / "runs.csv"))
-    chosen, _ = make_figures.curves(cfg, runs)
+    cfg, _, runs, sweep = make_figures.group_runs("dropin", make_figures.read_runs(tmp_path / "dropin" / "runs.csv"),
+                                                  tmp_path / "dropin" / "runs.csv")
+    chosen, _ = make_figures.curves(cfg, runs, sweep)
     tasks = dropin.report(cfg, runs, chosen)
     roles = {key: arm.role for key, arm in cfg.figure.arms.items()}
     met_any, failed_any = False, False
@@ -338,6 +340,6 @@ def test_dropin_smoke_sweep_through_submitit_local(tmp_path):
 
 def _report_inputs(tmp_path):
     rows = make_figures.read_runs(tmp_path / "results" / "dropin" / "runs.csv")
-    cfg, _, runs = make_figures.group_runs("dropin", rows)
-    chosen, _ = make_figures.curves(cfg, runs)
+    cfg, _, runs, sweep = make_figures.group_runs("dropin", rows, tmp_path / "results" / "dropin" / "runs.csv")
+    chosen, _ = make_figures.curves(cfg, runs, sweep)
     return cfg, runs, chosen

@@ -18,10 +18,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from experiments.reproduce import CONF, ITEMS, SCALES, compose_experiment
+from experiments.schema import score, tuning_score
 from experiments.sweeps import Run, choose_later, expand_grids, expected_runs, tuning_phases
 from metaopt.param_groups import RESNET18_BLOCKS, param_groups_by_prefix
 from experiments.models import SixBlockMLP
 from experiments.models.resnet import resnet_mini
+from tests.experiments.helpers import write_sweep_record
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -250,6 +252,7 @@ def test_resnet_mini_has_resnet18_blocks():
 def _fixture_results(tmp_path: Path) -> Path:
     (tmp_path / "fig2").mkdir()
     shutil.copy(FIXTURES / "fig2_smoke_runs.csv", tmp_path / "fig2" / "runs.csv")
+    shutil.copy(FIXTURES / "fig2_smoke_sweep.json", tmp_path / "fig2" / "sweep.json")
     return tmp_path
 
 
@@ -300,6 +303,7 @@ def test_sensitivity_figure_from_its_runs(tmp_path):
         for step, value in ((0, 2.3), (4, "nan" if diverged else loss)):
             rows.append({**identity, **{k: values.get(k, "") for k in swept}, "step": step, "train/loss": value})
     (tmp_path / "sensitivity").mkdir()
+    write_sweep_record(tmp_path / "sensitivity", cfg, "sensitivity", "smoke", runs)
     with open(tmp_path / "sensitivity" / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -366,16 +370,17 @@ def test_tuning_waits_for_every_tuning_run_and_needs_the_tuning_seed():
     def rows(status):
         return [{"step": "4", "train/loss": "0.3", "status": status}]
 
-    assert make_figures.tuning_score(rows("finished"), "train/loss", "min") == 0.3
-    assert make_figures.tuning_score(rows("failed"), "train/loss", "min") == float("inf")  # diverged: ranks last
-    assert make_figures.tuning_score(rows("preempted"), "train/loss", "min") is None
-    assert make_figures.tuning_score([], "train/loss", "min") is None
-    assert make_figures.score([], "train/loss", "min") == float("inf")
+    assert tuning_score(rows("finished"), "train/loss", "min") == 0.3
+    assert tuning_score(rows("failed"), "train/loss", "min") == float("inf")  # diverged: ranks last
+    assert tuning_score(rows("preempted"), "train/loss", "min") is None
+    assert tuning_score([], "train/loss", "min") is None
+    assert score([], "train/loss", "min") == float("inf")
 
 
-def test_a_figure_tuned_on_one_seed_picks_the_setting_that_ran_the_other_seeds(experiments):
-    """At mini scale a tuned grid is ranked on seed 0 alone: the mean over seeds would favour a
-    setting that ran one seed only."""
+def test_a_figure_tuned_on_one_seed_draws_the_setting_its_tuning_chose(experiments):
+    """In a sweep tuned on one seed the curve is the setting the sweeper chose (sweep.json's chosen, from
+    the manifest), not a choice made again here; the summary ranks the others on the tuning seed alone,
+    where the mean over seeds would favour a setting that ran one seed only."""
     cfg = experiments[("fig1", "mini")]
     base = ["optimizer=fixed_step", "optimizer.base=adamw", "optimizer.variant=released"]
 
@@ -384,9 +389,15 @@ def test_a_figure_tuned_on_one_seed_picks_the_setting_that_ran_the_other_seeds(e
         return Run("adamw", overrides, "adamw"), [{"step": "4", "train/loss": str(loss),
                                                                 "seed": str(seed), "status": "finished"}]
 
-    chosen, summary = make_figures.curves(cfg, [run("1e-3", 0, 0.1), run("1e-3", 1, 0.9), run("1e-2", 0, 0.2)])
+    runs = [run("1e-3", 0, 0.1), run("1e-3", 1, 0.9), run("1e-2", 0, 0.2), run("1e-4", 0, 0.3)]
+    chosen, summary = make_figures.curves(cfg, runs, {"tune_seed": "0", "chosen": {"adamw": runs[0][0].key}})
     assert chosen["adamw"][0] == "adamw (alpha0=1e-3, tuned)" and len(chosen["adamw"][1]) == 2
-    assert [row["selected"] for row in summary] == ["yes", "no"]
+    assert [(row["setting"], row["selected"]) for row in summary] == [
+        (runs[0][0].key, "yes"), (runs[2][0].key, "no"), (runs[3][0].key, "no")]
+    # the sweeper's choice is drawn even where this ranking would differ (e.g. a tie broken otherwise)
+    chosen, summary = make_figures.curves(cfg, runs, {"tune_seed": "0", "chosen": {"adamw": runs[3][0].key}})
+    assert chosen["adamw"][0] == "adamw (alpha0=1e-4, tuned)" and len(chosen["adamw"][1]) == 1
+    assert [row["selected"] for row in summary] == ["no", "no", "yes"]
 
 
 @pytest.mark.slow
@@ -415,7 +426,8 @@ def test_fig1_smoke_sweep_through_submitit_local(tmp_path):
 def test_a_figure_names_the_data_and_model_that_stood_in_for_the_papers(tmp_path):
     """The smoke sweep of Fig. 2 trains digits on resnet_mini: its title says so, not just "CIFAR-10"."""
     results = _fixture_results(tmp_path)
-    cfg, _, runs = make_figures.group_runs("fig2", make_figures.read_runs(results / "fig2" / "runs.csv"))
+    cfg, _, runs, _ = make_figures.group_runs("fig2", make_figures.read_runs(results / "fig2" / "runs.csv"),
+                                              results / "fig2" / "runs.csv")
     assert make_figures.scale_label("fig2", cfg, runs) == "smoke scale; digits, resnet_mini in place of cifar10, resnet18_cifar"
     full = compose_experiment("fig2", "full")
     assert make_figures.scale_label("fig2", full, []) == "full scale"

@@ -1,6 +1,7 @@
 """collect_runs takes a sweep's runs from its manifest (the grids sweeper writes it; issue 24): the runs,
 their arms and folders, and the settings its tuning chose; a sweep without a readable manifest is
-refused, naming the file and the fix.
+refused, naming the file and the fix. It writes them down beside runs.csv (sweep.json), and make_figures
+draws the runs and the chosen settings that sweep.json lists, deriving none of them again.
 
 One real Fig. 2 sweep at smoke size (5 runs, about 10 s); each test rewrites its manifest as a
 different sweep's would be and checks what is collected.
@@ -21,6 +22,7 @@ from experiments.sweeps import expected_runs
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 import collect_runs  # noqa: E402
+import make_figures  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,10 @@ def test_collect_takes_exactly_the_runs_the_manifest_names(sweep, tmp_path):
     assert collected_runs(tmp_path / "fig2") == folders(kept)
     with open(tmp_path / "fig2" / "runs.csv", newline="") as f:
         assert {row["arm"] for row in csv.DictReader(f)} == {entry["arm"] for entry in kept}
+    # the figure is drawn from the runs the manifest names, which are fewer than the config derives
+    make_figures.build("fig2", tmp_path)
+    with open(tmp_path / "fig2" / "summary.csv", newline="") as f:
+        assert [row["arm"] for row in csv.DictReader(f)] == [entry["arm"] for entry in kept]
 
 
 def test_collect_takes_a_tuned_grids_later_runs_of_the_chosen_setting_only(sweep, tmp_path):
@@ -73,6 +79,11 @@ def test_collect_takes_a_tuned_grids_later_runs_of_the_chosen_setting_only(sweep
     manifest.write_text(json.dumps({**record, "runs": runs, "chosen": chosen}))
     collect_runs.collect("fig2", "smoke", tmp_path / "chosen", [run_root])
     assert collected_runs(tmp_path / "chosen") == folders(runs[:3] + runs[4:])
+    written = json.loads((tmp_path / "chosen" / "sweep.json").read_text())
+    assert [entry["phase"] for entry in written["runs"]] == ["first"] * 3 + ["later"]
+    own = [o for o in runs[4]["overrides"] if o not in record["arguments"]]
+    assert written["runs"][3]["overrides"] == own and written["scale"] == "smoke"
+    assert written["chosen"] == {runs[4]["arm"]: " ".join(sorted(o for o in own if not o.startswith("seed=")))}
     # before the tuning chose (no chosen setting recorded yet), no later run is expected
     manifest.write_text(json.dumps({**record, "runs": runs, "chosen": {}}))
     count, missing = collect_runs.collect("fig2", "smoke", tmp_path / "tuning", [run_root])
@@ -110,3 +121,19 @@ def test_a_torn_or_foreign_manifest_is_refused_naming_the_file(sweep, tmp_path, 
         collect_runs.collect("fig2", "smoke", tmp_path / "fig2", [run_root])
     assert str(manifest) in str(refused.value) and "make fig2 SCALE=smoke" in str(refused.value)
     assert not (tmp_path / "fig2" / "runs.csv").exists()
+
+
+def test_make_figures_refuses_a_runs_csv_without_its_sweep_record_or_with_another_sweeps(sweep, tmp_path):
+    run_root, _, _ = sweep
+    collect_runs.collect("fig2", "smoke", tmp_path / "fig2", [run_root])
+    record = tmp_path / "fig2" / "sweep.json"
+    written = json.loads(record.read_text())
+    record.write_text(json.dumps({**written, "scale": "mini"}))
+    with pytest.raises(ValueError, match=r"sweep.json records the fig2 sweep at scale mini, runs.csv holds fig2 "
+                                         r"at scale smoke: collect it again: python scripts/collect_runs.py fig2"):
+        make_figures.build("fig2", tmp_path)
+    record.unlink()
+    with pytest.raises(FileNotFoundError, match=r"fig2/sweep.json does not exist: .* collect it again: "
+                                                r"python scripts/collect_runs.py fig2 --scale smoke"):
+        make_figures.build("fig2", tmp_path)
+    assert not (tmp_path / "fig2" / "fig2.png").exists()

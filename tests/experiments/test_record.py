@@ -236,6 +236,7 @@ def test_a_lost_meta_json_is_rebuilt_from_the_final_checkpoint(tmp_path):
 def test_make_figures_refuses_a_torn_or_incomplete_runs_csv(tmp_path):
     results = tmp_path / "results"
     (results / "fig2").mkdir(parents=True)
+    shutil.copy(REPO / "results" / "fig2" / "sweep.json", results / "fig2" / "sweep.json")
     text = (REPO / "results" / "fig2" / "runs.csv").read_text()
     (results / "fig2" / "runs.csv").write_text(text[: len(text) - 7])  # cut inside its last row
     with pytest.raises(ValueError, match=r"fig2/runs.csv is torn: its last line has no line break"):

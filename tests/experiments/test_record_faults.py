@@ -94,6 +94,7 @@ def test_make_figures_refuses_a_run_interrupted_by_ctrl_c(tmp_path):
         if (row["run"], row["seed"]) == stopped:
             row["status"] = "interrupted"
     (tmp_path / "fig2").mkdir()
+    (tmp_path / "fig2" / "sweep.json").write_text((REPOSITORY / "results" / "fig2" / "sweep.json").read_text())
     with open(tmp_path / "fig2" / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]), lineterminator="\n")
         writer.writeheader()
