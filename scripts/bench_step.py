@@ -126,7 +126,7 @@ def setting(kernel: str, storage: str) -> str:
     return kernel if storage == "separate" else f"{kernel} + contiguous"
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -145,7 +145,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9 on CPU, 30 on CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/performance/bench_step_<device>)")
     args = parser.parse_args()
+    for pair in args.pairs:
+        base, _, meta = pair.partition("/")
+        if base not in BASES or meta not in METAS:
+            parser.error(f"unknown pair {pair}: bases are {list(BASES)}, metas {list(METAS)}")
+    return args
 
+
+def main() -> None:
+    args = parse_arguments()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.proxy:
@@ -157,52 +165,17 @@ def main() -> None:
     out = args.out or RESULTS / f"bench_step_{device.type}"
     out.parent.mkdir(parents=True, exist_ok=True)
     pairs = [tuple(pair.split("/")) for pair in args.pairs]
-    for base, meta in pairs:
-        if base not in BASES or meta not in METAS:
-            parser.error(f"unknown pair {base}/{meta}: bases are {list(BASES)}, metas {list(METAS)}")
-
     rows = []
     for model_name in args.models:
         make_model, preset = MODELS[model_name]
         n_params = sum(p.numel() for p in make_model().parameters())
         print(f"{model_name}: {n_params / 1e6:.1f}M parameters", flush=True)
-        # The baselines alone: torch's AdamW kernels and the plain base optimizers.
-        baselines = [Candidate("AdamW fused", make_model, lambda m: ADAMW_FUSED(m.parameters()), device),
-                     Candidate("AdamW foreach", make_model, lambda m: ADAMW_FOREACH(m.parameters()), device)]
-        baselines += [Candidate(name, make_model, lambda m, f=factory: f(m.parameters()), device)
-                      for base, (name, factory) in PLAIN_BASES.items() if base != "adamw"]
-        race(baselines, device, args.warmup, rounds)
-        for candidate in baselines:
-            ratio = median_ratio(candidate, baselines[0])
-            rows.append({"model": model_name, "params": n_params, "optimizer": candidate.name, "base": "", "meta": "",
-                         "blocks": "", "kernel": "", "step_ms": round(median_ms(candidate), 3),
-                         "adamw_fused_ms": round(median_ms(baselines[0]), 3), "vs_adamw_fused": round(ratio, 3),
-                         "plain_base_ms": "", "vs_plain_base": "", "first_step_s": round(candidate.first_step_s, 2)})
-            print(f"  {candidate.name:36s} {median_ms(candidate):9.2f} ms  {ratio:5.2f}x fused AdamW", flush=True)
-        del baselines
-
+        rows += baseline_rows(model_name, make_model, n_params, device, args.warmup, rounds)
         for (base, meta), blocks, kernel, storage in itertools.product(pairs, args.blocks, args.kernels, args.storages):
             if kernel == "triton" and device.type != "cuda":
                 continue  # Triton's interpreter is a test harness, not a CPU kernel
-            label = f"MetaOptimize ({base}, {meta}) {blocks} {setting(kernel, storage)}"
-            # a base without a torch counterpart (a rule added to metaopt.rules) is timed against AdamW twice
-            plain_name, plain = PLAIN_BASES.get(base, PLAIN_BASES["adamw"])
-            candidates = [
-                Candidate("AdamW fused", make_model, lambda m: ADAMW_FUSED(m.parameters()), device),
-                Candidate(plain_name, make_model, lambda m: plain(m.parameters()), device),
-                Candidate(label, make_model, lambda m: metaoptimize(m, base, meta, blocks, preset, kernel, storage), device),
-            ]
-            race(candidates, device, args.warmup, rounds)
-            fused, plain_ms, step = (median_ms(c) for c in candidates)
-            vs_fused, vs_plain = median_ratio(candidates[2], candidates[0]), median_ratio(candidates[2], candidates[1])
-            rows.append({"model": model_name, "params": n_params, "optimizer": "MetaOptimize", "base": base, "meta": meta,
-                         "blocks": blocks, "kernel": setting(kernel, storage),
-                         "step_ms": round(step, 3), "adamw_fused_ms": round(fused, 3), "vs_adamw_fused": round(vs_fused, 3),
-                         "plain_base_ms": round(plain_ms, 3), "vs_plain_base": round(vs_plain, 3),
-                         "first_step_s": round(candidates[2].first_step_s, 2)})
-            print(f"  {label:54s} {step:9.2f} ms  {vs_fused:5.2f}x fused AdamW  {vs_plain:5.2f}x {plain_name}"
-                  f"  (first step {candidates[2].first_step_s:.1f} s)", flush=True)
-            del candidates
+            rows.append(metaoptimize_row(model_name, make_model, preset, n_params, (base, meta, blocks, kernel, storage),
+                                         device, args.warmup, rounds))
         # after each model: a stopped run keeps what it measured
         with open(out.with_suffix(".csv"), "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=list(rows[0]))
@@ -210,6 +183,48 @@ def main() -> None:
             writer.writerows(rows)
         out.with_suffix(".md").write_text(markdown(rows, machine(device), device, rounds, args))
         print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", flush=True)
+
+
+def baseline_rows(model_name, make_model, n_params, device, warmup, rounds) -> list[dict]:
+    """The baselines alone: torch's AdamW kernels and the plain base optimizers, racing each other."""
+    baselines = [Candidate("AdamW fused", make_model, lambda m: ADAMW_FUSED(m.parameters()), device),
+                 Candidate("AdamW foreach", make_model, lambda m: ADAMW_FOREACH(m.parameters()), device)]
+    baselines += [Candidate(name, make_model, lambda m, f=factory: f(m.parameters()), device)
+                  for base, (name, factory) in PLAIN_BASES.items() if base != "adamw"]
+    race(baselines, device, warmup, rounds)
+    rows = []
+    for candidate in baselines:
+        ratio = median_ratio(candidate, baselines[0])
+        rows.append({"model": model_name, "params": n_params, "optimizer": candidate.name, "base": "", "meta": "",
+                     "blocks": "", "kernel": "", "step_ms": round(median_ms(candidate), 3),
+                     "adamw_fused_ms": round(median_ms(baselines[0]), 3), "vs_adamw_fused": round(ratio, 3),
+                     "plain_base_ms": "", "vs_plain_base": "", "first_step_s": round(candidate.first_step_s, 2)})
+        print(f"  {candidate.name:36s} {median_ms(candidate):9.2f} ms  {ratio:5.2f}x fused AdamW", flush=True)
+    return rows
+
+
+def metaoptimize_row(model_name, make_model, preset, n_params, configuration, device, warmup, rounds) -> dict:
+    """One MetaOptimize configuration (base, meta, blocks, kernel, storage) racing fused AdamW and its
+    plain base optimizer in one process."""
+    base, meta, blocks, kernel, storage = configuration
+    label = f"MetaOptimize ({base}, {meta}) {blocks} {setting(kernel, storage)}"
+    # a base without a torch counterpart (a rule added to metaopt.rules) is timed against AdamW twice
+    plain_name, plain = PLAIN_BASES.get(base, PLAIN_BASES["adamw"])
+    candidates = [
+        Candidate("AdamW fused", make_model, lambda m: ADAMW_FUSED(m.parameters()), device),
+        Candidate(plain_name, make_model, lambda m: plain(m.parameters()), device),
+        Candidate(label, make_model, lambda m: metaoptimize(m, base, meta, blocks, preset, kernel, storage), device),
+    ]
+    race(candidates, device, warmup, rounds)
+    fused, plain_ms, step = (median_ms(c) for c in candidates)
+    vs_fused, vs_plain = median_ratio(candidates[2], candidates[0]), median_ratio(candidates[2], candidates[1])
+    print(f"  {label:54s} {step:9.2f} ms  {vs_fused:5.2f}x fused AdamW  {vs_plain:5.2f}x {plain_name}"
+          f"  (first step {candidates[2].first_step_s:.1f} s)", flush=True)
+    return {"model": model_name, "params": n_params, "optimizer": "MetaOptimize", "base": base, "meta": meta,
+            "blocks": blocks, "kernel": setting(kernel, storage),
+            "step_ms": round(step, 3), "adamw_fused_ms": round(fused, 3), "vs_adamw_fused": round(vs_fused, 3),
+            "plain_base_ms": round(plain_ms, 3), "vs_plain_base": round(vs_plain, 3),
+            "first_step_s": round(candidates[2].first_step_s, 2)}
 
 
 # -- hyper-parameters learned beyond the step size -----------------------------------------------
