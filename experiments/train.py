@@ -9,6 +9,7 @@ named from the overrides and the seed (conf/hydra/default.yaml), and running the
 command again resumes from the checkpoint in it. The loop is experiments/trainer.py.
 """
 
+import gc
 import os
 import shutil
 import sys
@@ -33,13 +34,16 @@ def main(cfg: DictConfig) -> None:
         discard_unused_folder(run_dir, cfg.get("run_root"))  # a refused command leaves no folder behind
         raise
     try:
-        result = train(cfg, run_dir)
+        status = train(cfg, run_dir).summary["status"]
     except KeyboardInterrupt:
         # meta.json says "interrupted": not finished, not diverged; its last checkpoint continues it
         print(f"\ninterrupted (Ctrl-C): {run_dir} is recorded as interrupted; run the same command again to "
               "continue from its last checkpoint", file=sys.stderr)
         sys.exit(130)
-    if result.summary["status"] in ("preempted", "stopped"):
+    # FSDP2's modules hold their process group in reference cycles: free them now, while the interpreter
+    # is alive; collected during its exit, a gloo group's worker thread releasing a tensor aborts the process
+    gc.collect()
+    if status in ("preempted", "stopped"):
         sys.exit(3)  # a stop signal or out of max_time: not finished, re-run (or requeue) to continue
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import os
 import statistics
 import tempfile
@@ -73,6 +74,8 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, out: str)
                      "sync_ms": 1e3 * statistics.median(times[False]), "async_over_sync": statistics.median(ratios)})
     if rank == 0:
         torch.save(rows, Path(out) / "rows.pt")
+    del model, optimizer
+    gc.collect()  # the sharded model's cycles hold the group: freed before the exit (experiments/train.py says why)
     dist.destroy_process_group()
 
 

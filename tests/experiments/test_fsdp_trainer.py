@@ -3,6 +3,7 @@ run stopped by SIGTERM and resumed from its distributed checkpoint ends as the u
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -36,6 +37,8 @@ def _rank(rank: int, world_size: int, port: int, run_dir: str, out_dir: str) -> 
         weights = {name: p.full_tensor() for name, p in result.model.named_parameters()}
         torch.save({"weights": weights, "step_sizes": result.adapter.step_sizes(), "summary": result.summary},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+    del result
+    gc.collect()  # the sharded model's cycles hold the group: freed before the exit (experiments/train.py says why)
     dist.destroy_process_group()
 
 

@@ -8,6 +8,7 @@ all-reduces a step is counted, and a ``torch.distributed.checkpoint`` round trip
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -97,17 +98,28 @@ def _worker(rank: int, world: int, store: str, cases: list[dict], out: str) -> N
     torch.set_num_threads(1)
     counts: list = []
     _counting_all_reduces(counts)
-    results = []
-    for case in cases:
-        model = _sharded(world, case["dtype"])
-        optimizer = _optimizer(model, case)
-        counts.clear()
-        _train(model, optimizer, range(STEPS), case["dtype"], rank, world, counts)
-        counted = [list(step) for step in counts]
-        counts.clear()
-        results.append({"step_sizes": optimizer.step_sizes(), "alphas": _alphas(model, optimizer),
-                        "weights": [p.full_tensor() for p in model.parameters()], "all_reduces": counted})
+    results = [_sharded_run(case, rank, world, counts) for case in cases]
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    _leave_process_group()
+
+
+def _sharded_run(case: dict, rank: int, world: int, counts: list) -> dict:
+    model = _sharded(world, case["dtype"])
+    optimizer = _optimizer(model, case)
+    counts.clear()
+    _train(model, optimizer, range(STEPS), case["dtype"], rank, world, counts)
+    counted = [list(step) for step in counts]
+    counts.clear()
+    return {"step_sizes": optimizer.step_sizes(), "alphas": _alphas(model, optimizer),
+            "weights": [p.full_tensor() for p in model.parameters()], "all_reduces": counted}
+
+
+def _leave_process_group() -> None:
+    """Free the sharded models, then destroy the process group, while the interpreter is alive: FSDP2's
+    modules hold the group in reference cycles, so without the collection the gloo group (and its worker
+    threads) would be destroyed during the interpreter's exit, where a worker thread releasing a tensor
+    aborts the process (SIGABRT, "terminate called without an active exception"; seen once in CI)."""
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -190,11 +202,18 @@ def test_every_granularity_and_variant_matches_one_process(world, tmp_path):
 def _checkpoint_worker(rank: int, world: int, store: str, case: dict, checkpoint: str, out: str, save: bool) -> None:
     """``save``: 5 steps, a distributed checkpoint, 5 more; else: a new model and optimizer load the
     checkpoint and take the last 5 steps. Saves the gathered weights and step sizes after them."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    result = _checkpointed_run(world, case, checkpoint, save)
+    torch.save(result, Path(out) / f"{'saved' if save else 'loaded'}{world}-rank{rank}.pt")
+    _leave_process_group()
+
+
+def _checkpointed_run(world: int, case: dict, checkpoint: str, save: bool) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    rank = dist.get_rank()
     model = _sharded(world, case["dtype"])
     optimizer = _optimizer(model, case)
     if save:
@@ -210,9 +229,7 @@ def _checkpoint_worker(rank: int, world: int, store: str, case: dict, checkpoint
         dcp.load(loaded, checkpoint_id=checkpoint)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
     _train(model, optimizer, range(5, 10), case["dtype"], rank, world)
-    result = {"step_sizes": optimizer.step_sizes(), "weights": [p.full_tensor() for p in model.parameters()]}
-    torch.save(result, Path(out) / f"{'saved' if save else 'loaded'}{world}-rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"step_sizes": optimizer.step_sizes(), "weights": [p.full_tensor() for p in model.parameters()]}
 
 
 def _round_trip(case: dict, saved_on: int, loaded_on: int, tmp_path: Path) -> tuple[dict, dict]:
