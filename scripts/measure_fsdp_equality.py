@@ -17,27 +17,21 @@ from pathlib import Path
 
 import torch
 
-from tests.metaopt.test_fsdp import ALL_REDUCE_SIZES, STEPS, _case, _single_process, _spawn, _worker
-
-
-def cases() -> list[dict]:
-    return [_case(blocks, variant, dtype, mixed) for blocks in ALL_REDUCE_SIZES for variant in ("standard", "released")
-            for dtype, mixed in ((torch.float64, False), (torch.float32, True))]
+from tests.metaopt.test_fsdp import STEPS, _single_process, _spawn, _worker, every_case, worst_differences
 
 
 def measure(world: int) -> list[dict]:
     """One row per case: the worst differences from one process and the all-reduces of a step."""
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        _spawn(_worker, world, cases(), out)
+        _spawn(_worker, world, every_case(), out)
         ranks = [torch.load(Path(out) / f"rank{rank}.pt") for rank in range(world)]
-    for index, case in enumerate(cases()):
+    for index, case in enumerate(every_case()):
         reference = _single_process(case)
         first = ranks[0][index]
         identical = all(torch.equal(a, b) for other in ranks[1:]
                         for a, b in zip(other[index]["alphas"], first["alphas"]))
-        alpha = max(((a - b).abs() / b.abs()).max().item() for a, b in zip(first["alphas"], reference["alphas"]))
-        weight = max(((s - w).abs().max() / w.abs().max()).item() for s, w in zip(first["weights"], reference["weights"]))
+        alpha, weight = worst_differences(first, reference)
         rows.append({"world": world, "blocks": case["blocks"], "variant": case["variant"],
                      "dtype": str(case["dtype"]).removeprefix("torch."), "mixed": case["mixed"],
                      "identical_on_ranks": identical, "step_size_rel": alpha, "weight_rel": weight,
